@@ -1,0 +1,150 @@
+"""Cheap argument checks shared by every public entry point (SPEC §5).
+
+Every check here looks at metadata only (shapes, dtypes, devices, Python numbers),
+except the label-range check, which reads the labels only when they live on the CPU
+and we are not being traced (there it costs no device sync).  On an accelerator, or
+under ``torch.compile``, an out-of-range label is never read out of bounds: its row
+yields NaN, which propagates into the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(x: object, name: str, *, min_dim: int = 1) -> torch.Tensor:
+    x = check_tensor(x, name)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+    return float(value)
+
+
+def check_optional_positive(value: object, name: str) -> Optional[float]:
+    return None if value is None else check_positive(value, name)
+
+
+def check_finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite value, got {value!r}")
+    return float(value)
+
+
+def check_range(value: object, name: str, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    v = check_finite(value, name)
+    bad_lo = v <= lo if lo_open else v < lo
+    bad_hi = v >= hi if hi_open else v > hi
+    if bad_lo or bad_hi:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
+    return v
+
+
+def check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_same_device(ref: torch.Tensor, ref_name: str, x: torch.Tensor, name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {x.device}")
+
+
+def check_same_dtype(ref: torch.Tensor, ref_name: str, x: torch.Tensor, name: str) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {x.dtype}")
+
+
+def check_head(
+    hidden: object,
+    weight: object,
+    bias: object,
+    *,
+    hidden_name: str = "hidden",
+    weight_name: str = "weight",
+    bias_name: str = "bias",
+) -> None:
+    """hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)``: same device, same dtype."""
+    hidden = check_float_tensor(hidden, hidden_name)
+    weight = check_float_tensor(weight, weight_name, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name}: expected shape (V, D), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name}: expected a vocabulary of at least 1, got shape {tuple(weight.shape)}")
+    check_same_device(hidden, hidden_name, weight, weight_name)
+    check_same_dtype(hidden, hidden_name, weight, weight_name)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name}: expected last dimension D={weight.shape[1]} (from {weight_name} of shape "
+            f"{tuple(weight.shape)}), got shape {tuple(hidden.shape)}"
+        )
+    if bias is not None:
+        bias = check_float_tensor(bias, bias_name)
+        check_same_device(weight, weight_name, bias, bias_name)
+        check_same_dtype(weight, weight_name, bias, bias_name)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name}: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_labels(
+    labels: object,
+    hidden: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    *,
+    name: str = "labels",
+    hidden_name: str = "hidden",
+    check_range: bool = True,
+) -> torch.Tensor:
+    labels = check_tensor(labels, name)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype (int64), got {labels.dtype}")
+    check_same_device(hidden, hidden_name, labels, name)
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{name}: expected shape {tuple(hidden.shape[:-1])} (that of {hidden_name} without its last "
+            f"dimension), got {tuple(labels.shape)}"
+        )
+    check_int(ignore_index, "ignore_index")
+    if check_range and labels.device.type == "cpu" and not _is_compiling() and labels.numel() > 0:
+        valid = labels != ignore_index
+        bad = valid & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(
+                f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {first}"
+            )
+    return labels if labels.dtype == torch.int64 else labels.long()

@@ -1,0 +1,1 @@
+"""Triton kernels of fastpref, installed as ``fastpref.kernels``."""
