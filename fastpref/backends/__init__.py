@@ -38,6 +38,7 @@ BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 _MODULES = {"torch": "torch_ops", "triton": "triton_ops", "cuda": "cuda_ops"}
 _announced: set = set()
+_OPS: dict = {}
 
 
 def _module(name: str):
@@ -53,8 +54,29 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     return mod.unavailable_reason(device)
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call; raises ``ValueError``/``RuntimeError`` with reasons."""
+    """The concrete backend for a call; raises ``ValueError``/``RuntimeError`` with reasons.
+
+    Under ``torch.compile`` this runs once at trace time and its answer is a constant.
+    It also loads the chosen backend's ops, so :func:`get_ops` is a plain lookup.
+    """
+    name = _resolve(backend, device)
+    _load(name)
+    return name
+
+
+def _load(name: str) -> SimpleNamespace:
+    if name not in _OPS:
+        _module(name)  # importing the module registers its ops
+        _OPS[name] = SimpleNamespace(
+            **{op: getattr(torch.ops.fastpref, f"{op}_{name}")
+               for op in ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")}
+        )
+    return _OPS[name]
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     choice = os.environ.get("FASTPREF_BACKEND") or backend
     if choice not in _CHOICES:
         raise ValueError(f"backend: expected one of {list(_CHOICES)}, got {choice!r}")
@@ -81,11 +103,5 @@ def available_backends(device: torch.device) -> dict:
 
 
 def get_ops(name: str) -> SimpleNamespace:
-    """The four registered ops of backend ``name``."""
-    _module(name)  # importing the module registers its ops
-    return SimpleNamespace(
-        logprobs_fwd=getattr(torch.ops.fastpref, f"logprobs_fwd_{name}"),
-        logprobs_bwd=getattr(torch.ops.fastpref, f"logprobs_bwd_{name}"),
-        divergence_fwd=getattr(torch.ops.fastpref, f"divergence_fwd_{name}"),
-        divergence_bwd=getattr(torch.ops.fastpref, f"divergence_bwd_{name}"),
-    )
+    """The four registered ops of backend ``name`` (loaded by :func:`resolve`)."""
+    return _OPS[name] if name in _OPS else _load(name)

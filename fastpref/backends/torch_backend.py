@@ -113,7 +113,7 @@ def logprobs_fwd(
     rows, cols = _plan(n, vocab, hidden.shape[1], False)
     lse = torch.empty(n, dtype=cdt, device=hidden.device)
     target = torch.empty(n, dtype=cdt, device=hidden.device)
-    mean_z = torch.empty(n, dtype=cdt, device=hidden.device) if with_entropy else None
+    ent = torch.empty(n, dtype=cdt, device=hidden.device) if with_entropy else None
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         h, lab = hidden[r0:r1], labels[r0:r1]
@@ -127,21 +127,26 @@ def logprobs_fwd(
             zy += _gather_tile(z, lab, c0)
             m_new = torch.maximum(m, z.amax(1))
             rescale = torch.exp(m - m_new)
+            z.sub_(m_new.unsqueeze(1))  # z - m_new <= 0
             if with_entropy:
-                e = torch.exp(z - m_new.unsqueeze(1))
-                t = t * rescale + torch.linalg.vecdot(e, z)
+                # t = sum e^{z-m} (z-m), kept relative to the running max so that the entropy
+                # log(s) - t/s never subtracts two large numbers; moving the max from m to
+                # m_new turns t into rescale * (t + (m - m_new) * s).
+                shift = torch.where(s > 0, m - m_new, torch.zeros_like(m))
+                e = torch.exp(z)
+                t = rescale * (t + shift * s) + torch.linalg.vecdot(e, z)
             else:
-                e = z.sub_(m_new.unsqueeze(1)).exp_()
+                e = z.exp_()
             s = s * rescale + e.sum(1)
             m = m_new
         lse[r0:r1] = m + torch.log(s)
         target[r0:r1] = zy
         if with_entropy:
-            mean_z[r0:r1] = t / s
+            ent[r0:r1] = torch.log(s) - t / s
     keep, in_range = _row_status(labels, ignore_index, vocab)
     logp = _masked(target - lse, keep, in_range)
     if with_entropy:
-        entropy = _masked(lse - mean_z, keep, in_range)
+        entropy = _masked(ent, keep, in_range)
     else:
         entropy = logp.new_empty(0)
     return logp, entropy, lse
@@ -174,7 +179,7 @@ def logprobs_bwd(
     with_entropy = grad_entropy is not None and entropy is not None
     if with_entropy:
         g_ent = torch.where(keep, grad_entropy.to(cdt), zero)
-        mean_z = lse - entropy.to(cdt)
+        ent = entropy.to(cdt)
 
     d_hidden = torch.zeros(n, dim, dtype=cdt, device=hidden.device) if need_hidden else None
     d_weight = torch.empty_like(weight) if need_weight else None
@@ -192,16 +197,16 @@ def logprobs_bwd(
             h = hidden[r0:r1]
             z = _tile_logits(h, w, None if bias is None else bias[c0:c1], temperature, softcap, cdt)
             g = g_logp[r0:r1].unsqueeze(1)
-            if with_entropy or softcap is not None:
-                dz = torch.exp(z - lse[r0:r1].unsqueeze(1))  # p
-            else:
-                dz = z.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+            log_p = z - lse[r0:r1].unsqueeze(1) if softcap is not None else z.sub_(lse[r0:r1].unsqueeze(1))
             if with_entropy:
+                # -g p - ge p (z - sum p z) = -p * (g + ge * (log p + H))
                 ge = g_ent[r0:r1].unsqueeze(1)
-                # -g p - ge p (z - mean_z) = -p * (g + ge * (z - mean_z))
-                dz *= torch.addcmul(g, ge, z - mean_z[r0:r1].unsqueeze(1))
+                factor = torch.addcmul(g, ge, log_p + ent[r0:r1].unsqueeze(1))
+                dz = log_p.exp_() if softcap is None else log_p.exp()
+                dz *= factor
                 dz.neg_()
             else:
+                dz = log_p.exp_()
                 dz *= -g
             idx = labels[r0:r1] - c0
             inside = (idx >= 0) & (idx < c1 - c0)

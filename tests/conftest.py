@@ -1,0 +1,62 @@
+"""Shared test helpers: seeded inputs and the accuracy rule of STYLE.md.
+
+Accuracy rule: ``|out - truth| <= 2 * |naive - truth| + floor``, where ``truth`` is the fp64
+oracle and ``naive`` is plain PyTorch in the inputs' own dtype (the oracle with
+``precision="native"``).  The floor (a few fp32 ulps of the largest true value, or fp64
+ulps for fp64 inputs) only guards against the naive version being right by luck.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+FLOOR_ULPS = 8
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test id, so a failing id reproduces on its own."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def make_head(n, d, v, *, dtype=torch.float32, bias=False, gen=None, logit_scale=3.0, dt=None):
+    """Random hidden (n, d), head (v, d) and optional bias whose logits have std ~ ``logit_scale``."""
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * (logit_scale / d**0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    def cast(t):
+        return (None if t is None else t.to(dtype))
+    return cast(h), cast(w), cast(b)
+
+
+def make_labels(n, v, *, ignored=0.0, gen=None, ignore_index=-100):
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if ignored >= 1.0:
+        labels[:] = ignore_index
+    elif ignored > 0:
+        drop = torch.rand(n, generator=gen) < ignored
+        labels[drop] = ignore_index
+    return labels
+
+
+def floor_for(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    return FLOOR_ULPS * eps * scale
+
+
+def assert_accurate(name: str, out: torch.Tensor, naive: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype):
+    """The accuracy rule; prints both errors so the headroom shows in the log."""
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite output"
+    truth = truth.double()
+    err = (out.double() - truth).abs().max().item() if truth.numel() else 0.0
+    err_naive = (naive.double() - truth).abs().max().item() if truth.numel() else 0.0
+    bound = 2 * err_naive + floor_for(truth, dtype)
+    print(f"{name}: err={err:.3e} naive_err={err_naive:.3e} bound={bound:.3e}")
+    assert err <= bound, f"{name}: err {err:.3e} > bound {bound:.3e} (naive err {err_naive:.3e})"
