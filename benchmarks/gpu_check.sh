@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the Triton backend, run from the repository root on a machine with a
+# One-shot GPU check of the Triton and CUDA backends, run from the repository root on a machine with a
 # CUDA GPU and torch + triton preinstalled (no network):
 #   1. editable install without touching the preinstalled torch/triton,
 #   2. the GPU tests (correctness at Llama-3 size, torch.compile fullgraph, opcheck, determinism),
@@ -34,8 +34,11 @@ else
     echo "compute-sanitizer not found; skipped"; status=1
 fi
 
+step "CUDA backend: build, small case, compute-sanitizer memcheck + racecheck"
+bash benchmarks/gpu_check_cuda.sh || status=1
+
 step "timing"
-python benchmarks/gpu_check.py "$@" || status=1
+python benchmarks/gpu_check.py --backends triton,cuda "$@" || status=1
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status
