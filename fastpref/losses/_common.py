@@ -57,7 +57,7 @@ def sequence_logps(
         public = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
         rank = mask.cumsum(-1)  # 1-based position among the counted tokens
         rear = mask & (rank > public.unsqueeze(-1))
-        logps = (tok * torch.where(rear, ld_alpha, 1.0)).sum(-1)
+        logps = torch.where(rear, tok * ld_alpha, tok).sum(-1)
     return SeqLogps(logps, lengths.to(logps.dtype), tok, ent)
 
 
