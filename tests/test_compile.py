@@ -32,3 +32,14 @@ def test_compile_fullgraph_primitives(gen):
     torch.testing.assert_close(comp_out, eager_out, rtol=1e-5, atol=1e-5)
     for a, e in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_import_is_light():
+    """``import fastpref`` must not import torch._dynamo or triton (slow, and a Triton imported
+    before TRITON_INTERPRET is set would run compiled kernels)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastpref; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], out

@@ -54,7 +54,6 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     return mod.unavailable_reason(device)
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for a call; raises ``ValueError``/``RuntimeError`` with reasons.
 
@@ -64,6 +63,11 @@ def resolve(backend: str, device: torch.device) -> str:
     name = _resolve(backend, device)
     _load(name)
     return name
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and with it
+# Inductor and Triton) when fastpref is imported: under torch.compile, resolve() runs at trace time.
+resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _load(name: str) -> SimpleNamespace:
