@@ -143,6 +143,29 @@ def run_study(log2_ns, seeds, steps=300, lr=0.05, methods=METHODS, progress=Fals
     return ns, table
 
 
+def plot(ns, table, path, seeds):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for m in METHODS:
+        ax.loglog(ns, table[m], marker="o", label=m, linestyle="--" if m in ("dpo", "rlhf") else "-")
+    anchor = table["pmle"][-1] * ns[-1]  # the O(1/n) guide through PMLE's largest-n point
+    ax.loglog(ns, [anchor / n for n in ns], color="gray", linewidth=0.8, label="O(1/n)")
+    ax.set_xlabel("number of preference pairs n")
+    ax.set_ylabel("KL(π* ‖ π̂), mean over contexts")
+    ax.set_title(f"Toy study (10 contexts x 10 tokens, γ={GAMMA}, {seeds} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--min-log2-n", type=int, default=5)
@@ -151,7 +174,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--out", default="toy-results")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the figure from a saved toy_study.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        plot(saved["n"], saved["forward_kl"], os.path.join(os.path.dirname(args.replot), "toy_study.png"),
+             saved["seeds"])
+        return
     torch.set_num_threads(1)
     ns, table = run_study(range(args.min_log2_n, args.max_log2_n + 1), range(args.seeds), args.steps, args.lr,
                           progress=True)
@@ -164,26 +194,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "toy_study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for m in METHODS:
-        ax.loglog(ns, table[m], marker="o", label=m, linestyle="--" if m in ("dpo", "rlhf") else "-")
-    ax.loglog(ns, [table["pmle"][0] * ns[0] / n for n in ns], color="gray", linewidth=0.8, label="O(1/n)")
-    ax.set_xlabel("number of preference pairs n")
-    ax.set_ylabel("KL(π* ‖ π̂), mean over contexts")
-    ax.set_title(f"Toy study (10 contexts x 10 tokens, γ={GAMMA}, {args.seeds} seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(args.out, "toy_study.png")
-    fig.savefig(path, dpi=120)
-    print("wrote", path)
+    plot(ns, table, os.path.join(args.out, "toy_study.png"), args.seeds)
 
 
 if __name__ == "__main__":
