@@ -165,6 +165,47 @@ __device__ __forceinline__ OnlineLse shfl_xor(const OnlineLse& a, int mask) {
           __shfl_xor_sync(kFullMask, a.w, mask)};
 }
 
+// Online log-sum-exp plus t = sum exp(z - m) * (z - m), kept relative to the running max m so that
+// the entropy log(s) - t / s never subtracts two large numbers (a confident row has lse ~ 50 and
+// entropy ~ 1e-3).  Moving the max from m to m' turns t into r * (t + (m - m') * s), r = e^{m - m'}.
+struct OnlineEnt {
+  float m;
+  float s;
+  float t;
+
+  __device__ __forceinline__ static OnlineEnt empty() { return {-FLT_MAX, 0.f, 0.f}; }
+
+  __device__ __forceinline__ void push(float z) {
+    if (z > m) {
+      const float r = expf(m - z);
+      t = r * (t + (s > 0.f ? (m - z) * s : 0.f));  // the new element contributes (z - z) = 0
+      s = s * r + 1.f;
+      m = z;
+    } else {
+      const float e = expf(z - m);
+      s += e;
+      t += e * (z - m);
+    }
+  }
+
+  __device__ __forceinline__ float lse() const { return m + logf(s); }
+  __device__ __forceinline__ float entropy() const { return logf(s) - t / s; }
+};
+
+__device__ __forceinline__ OnlineEnt merge(const OnlineEnt& a, const OnlineEnt& b) {
+  const float m = fmaxf(a.m, b.m);
+  const float ra = expf(a.m - m);
+  const float rb = expf(b.m - m);
+  const float ta = a.s > 0.f ? ra * (a.t + (a.m - m) * a.s) : 0.f;
+  const float tb = b.s > 0.f ? rb * (b.t + (b.m - m) * b.s) : 0.f;
+  return {m, a.s * ra + b.s * rb, ta + tb};
+}
+
+__device__ __forceinline__ OnlineEnt shfl_xor(const OnlineEnt& a, int mask) {
+  return {__shfl_xor_sync(kFullMask, a.m, mask), __shfl_xor_sync(kFullMask, a.s, mask),
+          __shfl_xor_sync(kFullMask, a.t, mask)};
+}
+
 struct Sum2 {
   float a;
   float b;
@@ -206,17 +247,14 @@ __device__ __forceinline__ float log_add_exp(float a, float b) {
 
 template <typename Tz, int VEC>
 __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFwdParams p) {
-  __shared__ OnlineLse smem[kWarps];
+  __shared__ OnlineEnt smem[kWarps];
   const int64_t row = blockIdx.x;
   const Tz* z = static_cast<const Tz*>(p.logits) + row * p.logits_row_stride;
   const Transform tf(p.tf);
   const bool with_entropy = p.entropy != nullptr;
 
-  OnlineLse acc = OnlineLse::empty();
-  auto visit = [&](int j, float u) {
-    const float zj = tf(u, j);
-    acc.push(zj, with_entropy ? zj : 0.f);  // w = sum exp(z - m) * z feeds the entropy
-  };
+  OnlineEnt acc = OnlineEnt::empty();
+  auto visit = [&](int j, float u) { acc.push(tf(u, j)); };
   const int head = vector_head<VEC>(true, phase_of<Tz, VEC>(z), p.cols);
   sweep_row<VEC>(
       p.cols, head, [&](int j) { visit(j, to_float(z[j])); },
@@ -233,13 +271,13 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFw
   float target = (local >= 0 && local < p.cols) ? tf(to_float(z[local]), static_cast<int>(local)) : 0.f;
   float* state = p.first_tile && p.last_tile ? nullptr : p.state + row * kLogprobsStateWidth;
   if (!p.first_tile) {
-    acc = merge(OnlineLse{state[0], state[1], state[2]}, acc);
+    acc = merge(OnlineEnt{state[0], state[1], state[2]}, acc);
     target += state[3];
   }
   if (!p.last_tile) {
     state[0] = acc.m;
     state[1] = acc.s;
-    state[2] = acc.w;
+    state[2] = acc.t;
     state[3] = target;
     return;
   }
@@ -248,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFw
   const bool keep = label != p.ignore_index;
   const bool in_range = label >= 0 && label < p.vocab;
   p.logp[row] = keep ? (in_range ? target - lse : quiet_nan()) : 0.f;
-  if (with_entropy) p.entropy[row] = keep ? (in_range ? lse - acc.w / acc.s : quiet_nan()) : 0.f;
+  if (with_entropy) p.entropy[row] = keep ? (in_range ? acc.entropy() : quiet_nan()) : 0.f;
 }
 
 // ------------------------------------------------------------------ linear_logprobs backward

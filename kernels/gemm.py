@@ -35,6 +35,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _mm_out_dtype_ok.get(key, True):
             try:
                 return torch.mm(a, b, out_dtype=torch.float32)
+            except torch.OutOfMemoryError:
+                raise  # a real error, not a missing feature
             except (TypeError, RuntimeError, NotImplementedError) as exc:
                 _mm_out_dtype_ok[key] = False
                 log.warning("fastpref: torch.mm(out_dtype=float32) unavailable (%s); upcasting operands", exc)

@@ -331,9 +331,10 @@ def divergence_bwd(
     vocab = s_weight.shape[0]
     dev = s_hidden.device
     need_bias = need_bias and s_bias is not None
-    d_hidden = torch.zeros_like(s_hidden) if need_hidden else None
-    d_weight = torch.zeros_like(s_weight) if need_weight else None
-    d_bias = torch.zeros_like(s_bias) if need_bias else None
+    alloc = torch.zeros_like if n == 0 else torch.empty_like  # every element is written below
+    d_hidden = alloc(s_hidden) if need_hidden else None
+    d_weight = alloc(s_weight) if need_weight else None
+    d_bias = alloc(s_bias) if need_bias else None
     if n == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
 

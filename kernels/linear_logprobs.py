@@ -232,9 +232,10 @@ def logprobs_bwd(
     vocab = weight.shape[0]
     dev = hidden.device
     need_bias = need_bias and bias is not None
-    d_hidden = torch.zeros_like(hidden) if need_hidden else None
-    d_weight = torch.zeros_like(weight) if need_weight else None
-    d_bias = torch.zeros_like(bias) if need_bias else None
+    alloc = torch.zeros_like if n == 0 else torch.empty_like  # every element is written below
+    d_hidden = alloc(hidden) if need_hidden else None
+    d_weight = alloc(weight) if need_weight else None
+    d_bias = alloc(bias) if need_bias else None
     if n == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
 

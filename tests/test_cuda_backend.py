@@ -158,6 +158,22 @@ def _merge(a, b):
     return m, a[1] * ra + b[1] * rb, a[2] * ra + b[2] * rb
 
 
+def _online_ent(z):
+    """(max, sum e^{z-m}, sum e^{z-m} (z-m)): the logprobs state, centred on the row max."""
+    m = z.amax(1)
+    d = z - m[:, None]
+    e = torch.exp(d)
+    return m, e.sum(1), (e * d).sum(1)
+
+
+def _merge_ent(a, b):
+    m = torch.maximum(a[0], b[0])
+    ra, rb = torch.exp(a[0] - m), torch.exp(b[0] - m)
+    ta = torch.where(a[1] > 0, ra * (a[2] + (a[0] - m) * a[1]), torch.zeros_like(m))
+    tb = torch.where(b[1] > 0, rb * (b[2] + (b[0] - m) * b[1]), torch.zeros_like(m))
+    return m, a[1] * ra + b[1] * rb, ta + tb
+
+
 def _nan_like(t):
     return torch.full_like(t, float("nan"))
 
@@ -166,12 +182,12 @@ def emu_logprobs_stats_fwd(logits, labels, bias, state, logp, entropy, lse, col0
                            softcap, first_tile, last_tile):
     z = _transform(logits, bias, temperature, softcap)
     cols = z.shape[1]
-    acc = _online(z, z if entropy.numel() else torch.zeros_like(z))
+    acc = _online_ent(z)
     local = labels - col0
     inside = (local >= 0) & (local < cols)
     target = torch.where(inside, z.gather(1, local.clamp(0, cols - 1)[:, None])[:, 0], torch.zeros_like(acc[0]))
     if not first_tile:
-        acc = _merge((state[:, 0], state[:, 1], state[:, 2]), acc)
+        acc = _merge_ent((state[:, 0], state[:, 1], state[:, 2]), acc)
         target = target + state[:, 3]
     if not last_tile:
         state.copy_(torch.stack([acc[0], acc[1], acc[2], target], 1))
@@ -182,7 +198,7 @@ def emu_logprobs_stats_fwd(logits, labels, bias, state, logp, entropy, lse, col0
     zero = torch.zeros_like(lse_v)
     logp.copy_(torch.where(keep, torch.where(in_range, target - lse_v, _nan_like(lse_v)), zero))
     if entropy.numel():
-        ent = lse_v - acc[2] / acc[1]
+        ent = torch.log(acc[1]) - acc[2] / acc[1]
         entropy.copy_(torch.where(keep, torch.where(in_range, ent, _nan_like(ent)), zero))
 
 

@@ -54,6 +54,11 @@ _ops: Any = None  # torch.ops.fastpref_cuda once loaded
 _load_error: Optional[str] = None
 _toolchain: Optional[list] = None  # [reason or None], computed once
 _HAS_MM_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads() and "dtype_out" in torch.ops.aten.addmm.overloads()
+# addmm(fp32 acc, bf16 a, bf16 b, out_dtype=fp32) exists from torch 2.8 but rejects mixed dtypes
+# before 2.10 ("self and mat2 must have the same dtype"); tried once, then remembered.
+_ADDMM_MIXED_OK: list = []
+# No --use_fast_math: it turns tanhf (softcap) into tanh.approx.f32 (~2^-11 relative error).
+CUDA_FLAGS = ["-O3", "-lineinfo", "-ftz=true", "-prec-div=false", "-fmad=true"]
 
 
 # --------------------------------------------------------------------------- availability and build
@@ -154,7 +159,7 @@ def load() -> Any:
                     name="fastpref_cuda",
                     sources=[str(src / s) for s in SOURCES],
                     extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+                    extra_cuda_cflags=CUDA_FLAGS,
                     extra_include_paths=[str(src)],
                     is_python_module=False,
                     verbose=os.environ.get("FASTPREF_VERBOSE_BUILD") == "1",
@@ -203,8 +208,18 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in acc's dtype; fp32 ``acc`` with bf16/fp16 operands accumulates in cuBLAS."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
+    elif _HAS_MM_DTYPE and a.is_cuda and acc.dtype == torch.float32 and _ADDMM_MIXED_OK != [False]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if not _ADDMM_MIXED_OK:
+                _ADDMM_MIXED_OK.append(True)
+        except RuntimeError as exc:
+            if _ADDMM_MIXED_OK or "dtype" not in str(exc):
+                raise  # it worked before (or failed for another reason, e.g. out of memory): a real error
+            _ADDMM_MIXED_OK.append(False)
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     elif _HAS_MM_DTYPE and a.is_cuda and acc.dtype == torch.float32:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.add_(torch.mm(a, b))
 

@@ -12,6 +12,7 @@ which is all ``fullgraph=True`` needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 from typing import Optional
@@ -55,33 +56,42 @@ def _torch():
     return torch_backend
 
 
+def _on_device(t):
+    """Triton launches on the *current* CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy):
     impl = _torch() if _fp64(hidden, weight, bias) else _lp
-    return impl.logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy)
+    with _on_device(hidden):
+        return impl.logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy)
 
 
 def logprobs_bwd(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
                  temperature, softcap, need_hidden, need_weight, need_bias):
     impl = _torch() if _fp64(hidden, weight, bias) else _lp
-    return impl.logprobs_bwd(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
-                             temperature, softcap, need_hidden, need_weight, need_bias)
+    with _on_device(hidden):
+        return impl.logprobs_bwd(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
+                                 temperature, softcap, need_hidden, need_weight, need_bias)
 
 
 def divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index, kind, beta,
                    temperature, s_softcap, t_softcap):
     fp64 = _fp64(s_hidden, s_weight, t_hidden, t_weight, s_bias, t_bias)
     impl = _torch() if fp64 else _div
-    return impl.divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index,
-                               kind, beta, temperature, s_softcap, t_softcap)
+    with _on_device(s_hidden):
+        return impl.divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index,
+                                   kind, beta, temperature, s_softcap, t_softcap)
 
 
 def divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats, ignore_index,
                    kind, beta, temperature, s_softcap, t_softcap, need_hidden, need_weight, need_bias):
     fp64 = _fp64(s_hidden, s_weight, t_hidden, t_weight, s_bias, t_bias)
     impl = _torch() if fp64 else _div
-    return impl.divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats,
-                               ignore_index, kind, beta, temperature, s_softcap, t_softcap, need_hidden,
-                               need_weight, need_bias)
+    with _on_device(s_hidden):
+        return impl.divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats,
+                                   ignore_index, kind, beta, temperature, s_softcap, t_softcap, need_hidden,
+                                   need_weight, need_bias)
 
 
 register_backend_ops(
