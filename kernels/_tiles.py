@@ -117,7 +117,11 @@ def tile_config(kernel: str, device: torch.device, dims: tuple) -> TileConfig:
         return TileConfig(block_n=64, block_v=256, block_d=bd, num_warps=4, num_stages=1)
     two_heads = kernel.startswith("divergence")
     bd = max(16, min(64, triton.next_power_of_2(d_max)))
-    return TileConfig(block_n=64 if two_heads else 128, block_v=128, block_d=bd, num_warps=8, num_stages=3)
+    # 3 stages of fp32 operands take 128 KiB of shared memory: fine on A100/H100 (163/227 KiB per
+    # block), too much on sm_86/89 (99 KiB), where 2 stages fit.
+    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    stages = 3 if smem >= 160 * 1024 else 2
+    return TileConfig(block_n=64 if two_heads else 128, block_v=128, block_d=bd, num_warps=8, num_stages=stages)
 
 
 def dot_flags(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
