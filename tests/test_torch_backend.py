@@ -10,6 +10,7 @@ from conftest import assert_accurate, make_head, make_labels
 
 import fastpref as fp
 from fastpref import reference as ref
+from fastpref.backends import torch_backend
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def workspace(nbytes):
         fp.set_workspace_bytes(old)
 
 
-SMALL_WS = 2**20  # 1 MiB: 16k-element tiles, so V >= 1024 is split over the vocabulary
+SMALL_WS = 2**20  # 1 MiB: 64k-element tiles, so V=32001 is split over rows and vocabulary
 
 # (id, N, D, V, dtype, ignored fraction, bias, temperature, softcap, workspace)
 LOGPROB_CASES = [
@@ -111,9 +112,18 @@ def test_divergence_matches_oracle(case, kind, gen):
 # ------------------------------------------------------------------ gradcheck (fp64)
 
 
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    """Vocabulary tiles of 64+ columns, so a 64 KiB workspace splits V=300 over several tiles."""
+    monkeypatch.setattr(torch_backend, "_MIN_TILE_COLS", 64)
+
+
 @pytest.mark.parametrize("ws", [None, 2**16], ids=["one-tile", "vocab-chunked"])
-def test_gradcheck_logprobs(ws, gen):
-    n, d, v = 5, 4, 300
+def test_gradcheck_logprobs(ws, gen, narrow_tiles):
+    n, d, v = 16, 3, 300
+    if ws:
+        with workspace(ws):
+            assert torch_backend._plan(n, v, d, False)[1] < v, "the case no longer splits the vocabulary"
     h, w, b = (t.requires_grad_() for t in make_head(n, d, v, dtype=torch.float64, bias=True, gen=gen))
     labels = make_labels(n, v, gen=gen)
     labels[1] = -100
@@ -126,8 +136,10 @@ def test_gradcheck_logprobs(ws, gen):
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_gradcheck_divergence(kind, gen):
-    n, v = 4, 300
+def test_gradcheck_divergence(kind, gen, narrow_tiles):
+    n, v = 16, 300
+    with workspace(2**16):
+        assert torch_backend._plan(n, v, 5, False)[1] < v, "the case no longer splits the vocabulary"
     hs, ws_, bs = (t.requires_grad_() for t in make_head(n, 5, v, dtype=torch.float64, bias=True, gen=gen))
     ht, wt, _ = make_head(n, 3, v, dtype=torch.float64, gen=gen)
 

@@ -10,8 +10,9 @@ per-row floats; the weight-gradient accumulator of a low-precision head is one
 ``[C x D]`` fp32 tile.  Compute: ``2NDV`` FLOPs forward, ``6NDV`` backward (recompute +
 two GEMMs), so forward+backward costs 8NDV against the 6NDV of a materialising version.
 
-Backward loops vocabulary-outer, rows-inner, so each ``d weight`` slice is finished
-(and cast) once; ``d hidden`` accumulates in fp32 (``N x D``, the gradient's own shape).
+Tiles span all rows when they fit (vocabulary tiles of at least 2048 columns otherwise), and the
+backward loops vocabulary-outer, rows-inner, so each ``d weight`` slice comes from one GEMM over
+all rows and is written once; ``d hidden`` accumulates in fp32 (``N x D``, the gradient's shape).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .. import _config
 # Divergence kinds, as ints so they can travel through torch.library schemas.
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
-_MIN_TILE_ROWS = 16
+_MIN_TILE_COLS = 2048
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -33,12 +34,18 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _plan(n_rows: int, vocab: int, dim: int, low_precision_weight: bool) -> tuple[int, int]:
-    """Tile shape (R, C): the full vocabulary per tile when at least a few rows fit."""
+    """Tile shape (R, C): all rows when they fit beside a vocabulary tile of >= _MIN_TILE_COLS.
+
+    Tall tiles make every GEMM efficient: the backward's ``d W[c] = dz.T @ h`` then runs once per
+    vocabulary tile with K = N and writes its slice of ``d W`` once, instead of re-reading and
+    re-writing the whole ``[V x D]`` gradient for every thin row chunk.
+    """
     elems = max(_config.get_workspace_bytes() // 16, 1024)
-    cols = vocab if vocab * _MIN_TILE_ROWS <= elems else max(elems // _MIN_TILE_ROWS, 1)
+    min_cols = min(vocab, _MIN_TILE_COLS)
+    rows = max(1, min(n_rows, elems // min_cols))
+    cols = max(1, min(vocab, elems // rows))
     if low_precision_weight:  # the fp32 d-weight accumulator is one [C x D] tile
         cols = min(cols, max(elems // max(dim, 1), 1))
-    rows = max(1, min(n_rows, elems // cols))
     return rows, cols
 
 
