@@ -1,0 +1,414 @@
+"""Workloads x providers: the same seeded inputs, the same forward+backward, per provider.
+
+Every (workload, provider) pair is a function of the workload's input tensors that
+returns a scalar loss; the benchmark step calls it, then ``loss.backward()``, so each
+provider does the same useful work: the loss, and the gradients w.r.t. the policy /
+student ``hidden`` and ``weight`` (the reference / teacher side is frozen everywhere).
+
+Providers:
+
+- ``naive``: :mod:`fastpref.reference` with ``precision="native"``, i.e. what plain
+  PyTorch code does: materialise the ``[N, V]`` logits, log-softmax, gather; autograd.
+- ``compiled``: ``torch.compile`` of that same naive function.
+- ``fastpref-torch`` / ``fastpref-triton`` / ``fastpref-cuda``: the public fastpref
+  function with an explicit ``backend=``.
+- ``liger``: Liger-Kernel 0.8.5 (``LigerFusedLinearDPOLoss``, ``LigerFusedLinearJSDLoss``,
+  ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` for log-probs).
+- ``cce``: Apple's cut-cross-entropy ``linear_cross_entropy(reduction="none")`` as negative
+  per-token log-probs (``impl="torch_compile"`` on CPU, its Triton ``"cce"`` on GPUs),
+  with the loss formula on top for the sequence-level workloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import fastpref
+from fastpref import reference as ref
+
+from .cases import Case
+
+IGNORE_INDEX = -100
+DPO_BETA = 0.1
+PD_GAMMA = 0.1
+JSD_BETA = 0.5
+
+PROVIDERS = ("naive", "compiled", "fastpref-torch", "fastpref-triton", "fastpref-cuda", "liger", "cce")
+
+
+class Skip(Exception):
+    """A provider that cannot run a workload on this device; the message says why."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+# Argument names, in order, of every workload's loss functions.
+ARGS = {
+    "logprobs": ("hidden", "weight", "labels", "grad_out"),
+    "dpo": ("hidden", "weight", "labels", "ref_hidden", "ref_weight"),
+    "pref_distill": ("hidden", "weight", "labels", "reward_a", "reward_b"),
+    "jsd": ("hidden", "weight", "teacher_hidden", "teacher_weight", "labels"),
+}
+# The tensors that receive gradients (the trainable policy / student side).
+TRAINABLE = ("hidden", "weight")
+
+
+def make_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Seeded random inputs (never zeros): hidden ~ N(0, 1), heads ~ N(0, 1/D), so logits ~ N(0, 1).
+
+    Preference workloads stack chosen then rejected sequences and ignore the first
+    quarter of every sequence (the prompt).  The reference / teacher is a perturbed copy
+    of the policy / an independent head, frozen (``requires_grad=False``).
+    """
+    B, T, D, V = case.B, case.T, case.D, case.V
+    dtype = getattr(torch, case.dtype)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=gen_device).manual_seed(case.seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=gen_device) * scale).to(device=device, dtype=dtype)
+
+    x = {
+        "hidden": rnd(B, T, D),
+        "weight": rnd(V, D, scale=D**-0.5),
+        "labels": torch.randint(0, V, (B, T), generator=g, device=gen_device).to(device),
+    }
+    if case.workload in ("dpo", "pref_distill"):
+        if B % 2:
+            raise ValueError(f"B: a preference workload needs an even number of sequences, got {B}")
+        x["labels"][:, : T // 4] = IGNORE_INDEX
+    if case.workload == "logprobs":
+        x["grad_out"] = rnd(B, T).float()  # an arbitrary upstream gradient for the per-token log-probs
+    elif case.workload == "dpo":
+        x["ref_hidden"] = x["hidden"] + rnd(B, T, D, scale=0.1)
+        x["ref_weight"] = x["weight"] + rnd(V, D, scale=0.1 * D**-0.5)
+    elif case.workload == "pref_distill":
+        x["reward_a"] = rnd(B // 2).float()
+        x["reward_b"] = rnd(B // 2).float()
+    elif case.workload == "jsd":
+        x["teacher_hidden"] = rnd(B, T, D)
+        x["teacher_weight"] = rnd(V, D, scale=D**-0.5)
+    for name in TRAINABLE:
+        x[name].requires_grad_(True)
+    return x
+
+
+def args_of(case: Case, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    return tuple(inputs[n] for n in ARGS[case.workload])
+
+
+# --------------------------------------------------------------------------- naive losses
+# Written out here (a few lines each, SPEC section 4) on the reference oracle, so the
+# naive provider does exactly what a plain PyTorch trainer would.
+
+
+def _naive_seq_logps(h, w, y):
+    return ref.sequence_logprobs(h, w, y, ignore_index=IGNORE_INDEX, precision="native")
+
+
+def naive_logprobs(hidden, weight, labels, grad_out):
+    logp = ref.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, precision="native")
+    return (logp * grad_out).sum()
+
+
+def dpo_from_logps(logps, ref_logps, beta=DPO_BETA):
+    """Sigmoid DPO, mean over pairs; rows stacked chosen then rejected."""
+    P = logps.shape[0] // 2
+    delta = (logps[:P] - ref_logps[:P]) - (logps[P:] - ref_logps[P:])
+    return -F.logsigmoid(beta * delta).mean()
+
+
+def naive_dpo(hidden, weight, labels, ref_hidden, ref_weight):
+    logps = _naive_seq_logps(hidden, weight, labels)
+    with torch.no_grad():
+        ref_logps = _naive_seq_logps(ref_hidden, ref_weight, labels)
+    return dpo_from_logps(logps, ref_logps)
+
+
+def pref_distill_from_logps(logps, reward_a, reward_b, gamma=PD_GAMMA):
+    """BCE_with_logits(gamma * (l(a1) - l(a2)), sigmoid(R(a1) - R(a2))), mean over pairs."""
+    P = logps.shape[0] // 2
+    return F.binary_cross_entropy_with_logits(gamma * (logps[:P] - logps[P:]), torch.sigmoid(reward_a - reward_b))
+
+
+def naive_pref_distill(hidden, weight, labels, reward_a, reward_b):
+    return pref_distill_from_logps(_naive_seq_logps(hidden, weight, labels), reward_a, reward_b)
+
+
+def naive_jsd(hidden, weight, teacher_hidden, teacher_weight, labels):
+    div = ref.linear_divergence(
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        kind="jsd",
+        beta=JSD_BETA,
+        ignore_index=IGNORE_INDEX,
+        precision="native",
+    )
+    return div.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+NAIVE = {"logprobs": naive_logprobs, "dpo": naive_dpo, "pref_distill": naive_pref_distill, "jsd": naive_jsd}
+
+
+# --------------------------------------------------------------------------- fastpref
+
+
+# The public loss each workload needs from fastpref; while it is missing the workload is
+# skipped as a whole (the jsd workload falls back to linear_divergence).
+FASTPREF_API = {
+    "logprobs": "linear_logprobs",
+    "dpo": "dpo_loss",
+    "pref_distill": "preference_distillation_loss",
+    "jsd": "distill_loss",
+}
+
+
+def workload_skip_reason(workload: str) -> Optional[str]:
+    name = FASTPREF_API[workload]
+    if workload != "jsd" and not hasattr(fastpref, name):
+        return f"fastpref.{name} is not available in this build of fastpref {fastpref.__version__}"
+    return None
+
+
+def _call_with_backend(fn, backend, *args, **kwargs):
+    """``fn(..., backend=backend)``; for a function without that keyword, the env override."""
+    try:
+        accepts = "backend" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts:
+        return fn(*args, backend=backend, **kwargs)
+    with _env("FASTPREF_BACKEND", backend):
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _env(key, value):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def fastpref_impl(workload: str) -> str:
+    """Which fastpref function a workload calls (recorded in the results)."""
+    if workload == "jsd" and not hasattr(fastpref, "distill_loss"):
+        return "fastpref.linear_divergence(kind='jsd') (fastpref.distill_loss not available)"
+    return f"fastpref.{FASTPREF_API[workload]}"
+
+
+def _fastpref_fn(workload: str, backend: str) -> Callable:
+    fp = fastpref
+    if workload == "logprobs":
+
+        def f(hidden, weight, labels, grad_out):
+            return (
+                fp.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, backend=backend) * grad_out
+            ).sum()
+    elif workload == "dpo":
+
+        def f(hidden, weight, labels, ref_hidden, ref_weight):
+            return _call_with_backend(
+                fp.dpo_loss,
+                backend,
+                hidden,
+                weight,
+                labels,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                beta=DPO_BETA,
+                loss_type="sigmoid",
+                ignore_index=IGNORE_INDEX,
+            )
+    elif workload == "pref_distill":
+
+        def f(hidden, weight, labels, reward_a, reward_b):
+            return _call_with_backend(
+                fp.preference_distillation_loss,
+                backend,
+                hidden,
+                weight,
+                labels,
+                gamma=PD_GAMMA,
+                reward_a=reward_a,
+                reward_b=reward_b,
+                ignore_index=IGNORE_INDEX,
+            )
+    elif workload == "jsd" and hasattr(fp, "distill_loss"):
+
+        def f(hidden, weight, teacher_hidden, teacher_weight, labels):
+            return _call_with_backend(
+                fp.distill_loss,
+                backend,
+                hidden,
+                weight,
+                teacher_hidden,
+                teacher_weight,
+                labels,
+                kind="jsd",
+                beta=JSD_BETA,
+                ignore_index=IGNORE_INDEX,
+            )
+    elif workload == "jsd":
+
+        def f(hidden, weight, teacher_hidden, teacher_weight, labels):
+            div = fp.linear_divergence(
+                hidden,
+                weight,
+                teacher_hidden,
+                teacher_weight,
+                labels,
+                kind="jsd",
+                beta=JSD_BETA,
+                ignore_index=IGNORE_INDEX,
+                backend=backend,
+            )
+            return div.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        raise ValueError(f"workload: unknown {workload!r}")
+    return f
+
+
+# --------------------------------------------------------------------------- liger
+
+
+def _liger_fn(workload: str, device: torch.device) -> Callable:
+    if workload == "pref_distill":
+        raise Skip("Liger-Kernel 0.8.5 has no preference-distillation loss")
+    if workload == "logprobs" and device.type != "cuda":
+        raise Skip(
+            "LigerFusedLinearCrossEntropyLoss is a Triton kernel: needs a CUDA GPU "
+            "(on CPU only under TRITON_INTERPRET=1, a numerics-only interpreter)"
+        )
+    try:
+        if workload == "logprobs":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        elif workload == "dpo":
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        else:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except Exception as exc:  # not installed, or a broken install
+        raise Skip(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from exc
+
+    if workload == "logprobs":
+        lce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
+
+        def f(hidden, weight, labels, grad_out):
+            nll = lce(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+            return (-nll.float() * grad_out.reshape(-1)).sum()
+    elif workload == "dpo":
+        dpo = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid")
+
+        def f(hidden, weight, labels, ref_hidden, ref_weight):
+            out = dpo(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        jsd = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=JSD_BETA, ignore_index=IGNORE_INDEX
+        )
+
+        def f(hidden, weight, teacher_hidden, teacher_weight, labels):
+            return jsd(
+                hidden.reshape(-1, hidden.shape[-1]),
+                weight,
+                teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+                teacher_weight,
+                labels.reshape(-1),
+            )
+
+    return f
+
+
+# --------------------------------------------------------------------------- cut-cross-entropy
+
+
+def _cce_fn(workload: str, device: torch.device) -> Callable:
+    if workload == "jsd":
+        raise Skip("cut-cross-entropy computes cross-entropy only (no teacher distribution / divergence)")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:
+        raise Skip(f"cut-cross-entropy not importable ({type(exc).__name__}: {exc})") from exc
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+
+    def token_logps(h, w, y):
+        return -linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, reduction="none", impl=impl).float()
+
+    if workload == "logprobs":
+
+        def f(hidden, weight, labels, grad_out):
+            return (token_logps(hidden, weight, labels) * grad_out).sum()
+    elif workload == "dpo":
+
+        def f(hidden, weight, labels, ref_hidden, ref_weight):
+            logps = token_logps(hidden, weight, labels).sum(-1)
+            with torch.no_grad():
+                ref_logps = token_logps(ref_hidden, ref_weight, labels).sum(-1)
+            return dpo_from_logps(logps, ref_logps)
+    else:
+
+        def f(hidden, weight, labels, reward_a, reward_b):
+            return pref_distill_from_logps(token_logps(hidden, weight, labels).sum(-1), reward_a, reward_b)
+
+    return f
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def provider_skip_reason(workload: str, provider: str, device: torch.device) -> Optional[str]:
+    """Why ``provider`` cannot run ``workload`` on ``device`` (cheap: nothing is run), or None."""
+    reason = workload_skip_reason(workload)
+    if reason is not None:
+        return reason
+    if provider.startswith("fastpref-"):
+        backend = provider[len("fastpref-") :]
+        if backend == "triton" and device.type != "cuda":
+            return "Triton kernels need a CUDA device (the CPU interpreter checks numerics; it is not timed)"
+        reasons = fastpref.available_backends(device)
+        if backend not in reasons:
+            return f"unknown fastpref backend {backend!r}"
+        return reasons[backend]
+    if provider in ("liger", "cce"):
+        try:
+            (_liger_fn if provider == "liger" else _cce_fn)(workload, device)
+        except Skip as exc:
+            return str(exc)
+        return None
+    if provider in ("naive", "compiled"):
+        return None
+    return f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"
+
+
+def loss_fn(workload: str, provider: str, device: torch.device) -> Callable:
+    """The loss function of ``provider`` for ``workload``; raises :class:`Skip` with a reason."""
+    reason = provider_skip_reason(workload, provider, device)
+    if reason is not None:
+        raise Skip(reason)
+    if provider == "naive":
+        return NAIVE[workload]
+    if provider == "compiled":
+        return torch.compile(NAIVE[workload])
+    if provider.startswith("fastpref-"):
+        return _fastpref_fn(workload, provider[len("fastpref-") :])
+    if provider == "liger":
+        return _liger_fn(workload, device)
+    return _cce_fn(workload, device)
+
+
+def trainable(inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    return [inputs[n] for n in TRAINABLE]
