@@ -51,3 +51,23 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     rows = max(1, _TEMP_BYTES // max(1, 4 * acc.shape[1]))
     for r0 in range(0, acc.shape[0], rows):
         acc[r0:r0 + rows] += _mm_f32(a[r0:r0 + rows], b)
+
+
+def chunk_gradients(dz, db_part, v0, width, hidden, weight, d_hidden, d_weight, d_bias, dh_acc) -> None:
+    """The GEMM side of one vocabulary chunk ``[v0, v0 + width)`` of a backward pass.
+
+    ``d_weight[chunk] = dz.T @ hidden`` (complete: the reduction over all rows is one GEMM);
+    ``d_hidden (+)= dz @ weight[chunk]`` (into the fp32 ``dh_acc`` when the vocabulary spans several
+    chunks, else straight into ``d_hidden``); ``d_bias[chunk]`` from the per-row-tile column sums.
+    A ``None`` gradient is not wanted.
+    """
+    dzc = dz[:, :width]
+    if d_weight is not None:
+        torch.mm(dzc.t(), hidden, out=d_weight[v0:v0 + width])
+    if d_hidden is not None:
+        if dh_acc is not None:
+            accumulate_mm(dh_acc, dzc, weight[v0:v0 + width])
+        else:
+            torch.mm(dzc, weight, out=d_hidden)
+    if d_bias is not None:
+        d_bias[v0:v0 + width] = db_part[:, :width].sum(0).to(d_bias.dtype)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import _grouped_pid, _logits_tile, combine_lse, dot_flags, num_vocab_splits, tile_config
-from .gemm import accumulate_mm, dz_chunk_width
+from .gemm import chunk_gradients, dz_chunk_width
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
@@ -367,16 +367,7 @@ def divergence_bwd(
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        dzc = dz[:, :width]
-        if need_weight:
-            torch.mm(dzc.t(), s_hidden, out=d_weight[v0:v0 + width])
-        if need_hidden:
-            if multi:
-                accumulate_mm(dh_acc, dzc, s_weight[v0:v0 + width])
-            else:
-                torch.mm(dzc, s_weight, out=d_hidden)
-        if need_bias:
-            d_bias[v0:v0 + width] = db_part[:, :width].sum(0).to(d_bias.dtype)
+        chunk_gradients(dz, db_part, v0, width, s_hidden, s_weight, d_hidden, d_weight, d_bias, dh_acc)
     if dh_acc is not None:
         d_hidden.copy_(dh_acc)
     return d_hidden, d_weight, d_bias
