@@ -127,7 +127,7 @@ def check_labels(
     *,
     name: str = "labels",
     hidden_name: str = "hidden",
-    check_range: bool = True,
+    range_check: bool = True,
 ) -> torch.Tensor:
     labels = check_tensor(labels, name)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -139,7 +139,7 @@ def check_labels(
             f"dimension), got {tuple(labels.shape)}"
         )
     check_int(ignore_index, "ignore_index")
-    if check_range and labels.device.type == "cpu" and not _is_compiling() and labels.numel() > 0:
+    if range_check and labels.device.type == "cpu" and not _is_compiling() and labels.numel() > 0:
         valid = labels != ignore_index
         bad = valid & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):

@@ -87,8 +87,7 @@ def dpo(
     V.check_choice(f_divergence, "f_divergence", F_DIVERGENCES)
     if f_divergence == "alpha_divergence":
         V.check_range(f_alpha, "f_alpha", 0.0, 1.0, lo_open=True, hi_open=True)
-    eps_hi = 0.5
-    eps = V.check_range(label_smoothing, "label_smoothing", 0.0, eps_hi, lo_open=False, hi_open=True)
+    eps = V.check_range(label_smoothing, "label_smoothing", 0.0, 0.5, lo_open=False, hi_open=True)
     if loss_type in _NEEDS_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"chosen_lengths: loss_type={loss_type!r} needs chosen_lengths and rejected_lengths")
     ref_w = torch.zeros_like(chosen_logps) if ref_chosen_logps is None else ref_chosen_logps

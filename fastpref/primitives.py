@@ -166,7 +166,7 @@ def linear_divergence(
     teacher_softcap = V.check_optional_positive(teacher_softcap, "teacher_softcap")
     if labels is not None:
         labels = V.check_labels(labels, student_hidden, student_weight.shape[0], ignore_index,
-                                hidden_name="student_hidden", check_range=False)
+                                hidden_name="student_hidden", range_check=False)
         labels = labels.reshape(-1).contiguous()
     else:
         V.check_int(ignore_index, "ignore_index")

@@ -31,7 +31,7 @@ def gen(request) -> torch.Generator:
     return g
 
 
-def make_head(n, d, v, *, dtype=torch.float32, bias=False, gen=None, logit_scale=3.0, dt=None):
+def make_head(n, d, v, *, dtype=torch.float32, bias=False, gen=None, logit_scale=3.0):
     """Random hidden (n, d), head (v, d) and optional bias whose logits have std ~ ``logit_scale``."""
     h = torch.randn(n, d, generator=gen, dtype=torch.float64)
     w = torch.randn(v, d, generator=gen, dtype=torch.float64) * (logit_scale / d**0.5)

@@ -222,13 +222,6 @@ def test_frozen_head_gets_no_gradient_work(gen):
     assert w.grad is None and b.grad is None and h.grad is not None
 
 
-def test_no_backward_work_when_nothing_requires_grad(gen):
-    h, w, _ = make_head(8, 4, 50, gen=gen)
-    labels = make_labels(8, 50, gen=gen)
-    out = fp.linear_logprobs(h, w, labels, backend="torch")
-    assert not out.requires_grad
-
-
 def test_sequence_logprobs_matches_oracle(gen):
     h, w, b = make_head(3 * 11, 8, 97, bias=True, gen=gen)
     h = h.reshape(3, 11, 8)

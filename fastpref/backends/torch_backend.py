@@ -17,6 +17,7 @@ all rows and is written once; ``d hidden`` accumulates in fp32 (``N x D``, the g
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -240,8 +241,6 @@ def logprobs_bwd(
 
 def _log_mixture(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> torch.Tensor:
     """``log(beta * pt + (1 - beta) * ps)`` in log space (beta strictly inside (0, 1))."""
-    import math
-
     return torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
 
 
