@@ -1,7 +1,7 @@
 """fastpref: fused preference-alignment and distillation losses that never materialise logits."""
 
 from . import objectives
-from ._config import get_workspace_bytes, set_workspace_bytes
+from ._config import get_keep_logits, get_workspace_bytes, set_keep_logits, set_workspace_bytes
 from .backends import available_backends
 from .losses import (
     CPOLoss,
@@ -32,6 +32,7 @@ from .losses import (
 from .primitives import (
     LinearDivergence,
     LinearLogprobs,
+    LogprobsOutput,
     linear_divergence,
     linear_logprobs,
     sequence_logprobs,
@@ -46,10 +47,13 @@ __all__ = [
     "reverse_kl_loss", "simpo_loss",
     "LinearDivergence",
     "LinearLogprobs",
+    "LogprobsOutput",
     "available_backends",
+    "get_keep_logits",
     "get_workspace_bytes",
     "linear_divergence",
     "linear_logprobs",
     "sequence_logprobs",
+    "set_keep_logits",
     "set_workspace_bytes",
 ]

@@ -1,4 +1,5 @@
-"""Cheap argument checks shared by every public entry point (SPEC §5).
+"""Cheap argument checks shared by every public entry point (validation happens once, at the public
+boundary: docs/design.md §1).
 
 Every check here looks at metadata only (shapes, dtypes, devices, Python numbers),
 except the label-range check, which reads the labels only when they live on the CPU
@@ -72,6 +73,43 @@ def check_int(value: object, name: str) -> int:
     return value
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_ignore_index(value: object, name: str = "ignore_index") -> int:
+    v = check_int(value, name)
+    if not _INT64[0] <= v <= _INT64[1]:
+        raise ValueError(f"{name}: expected an int64 value, got {value!r}")
+    return v
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def check_outputs(value: object, name: str, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A sequence of distinct names among ``choices`` (a bare string is a mistake, not a sequence)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list, set, frozenset)):
+        raise TypeError(f"{name}: expected a tuple of names among {list(choices)}, got {value!r}")
+    for item in value:
+        if item not in choices:
+            raise ValueError(f"{name}: expected names among {list(choices)}, got {item!r}")
+    return tuple(value)
+
+
+def check_transform(temperature: object, softcap: object, logit_scale: object, *, prefix: str = ""):
+    """The logit transform's three numbers (temperature > 0, softcap None or > 0, finite logit_scale)."""
+    from .backends.contract import Transform
+
+    return Transform(
+        temperature=check_positive(temperature, "temperature"),
+        softcap=check_optional_positive(softcap, f"{prefix}softcap"),
+        logit_scale=check_finite(logit_scale, f"{prefix}logit_scale"),
+    )
+
+
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
@@ -127,8 +165,12 @@ def check_labels(
     *,
     name: str = "labels",
     hidden_name: str = "hidden",
-    range_check: bool = True,
 ) -> torch.Tensor:
+    """Integer labels shaped like ``hidden`` without its last dimension, as int64.
+
+    Labels of any integer width are widened first, so that ``ignore_index`` and the range are compared
+    exactly (a uint8 156 is a label, not -100).  On the CPU, outside ``torch.compile``, a label outside
+    ``[0, vocab)`` other than ``ignore_index`` raises; elsewhere it gives NaN (no host sync)."""
     labels = check_tensor(labels, name)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer dtype (int64), got {labels.dtype}")
@@ -138,13 +180,13 @@ def check_labels(
             f"{name}: expected shape {tuple(hidden.shape[:-1])} (that of {hidden_name} without its last "
             f"dimension), got {tuple(labels.shape)}"
         )
-    check_int(ignore_index, "ignore_index")
-    if range_check and labels.device.type == "cpu" and not _is_compiling() and labels.numel() > 0:
-        valid = labels != ignore_index
-        bad = valid & ((labels < 0) | (labels >= vocab))
+    check_ignore_index(ignore_index)
+    labels = labels if labels.dtype == torch.int64 else labels.long()
+    if labels.device.type == "cpu" and not _is_compiling() and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             first = labels[bad][0].item()
             raise ValueError(
                 f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {first}"
             )
-    return labels if labels.dtype == torch.int64 else labels.long()
+    return labels

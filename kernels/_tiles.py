@@ -1,5 +1,5 @@
 """Shared pieces of the fused linear kernels: one logits tile ``[BLOCK_N x BLOCK_V]`` computed
-from ``hidden`` and an LM head (bias, temperature, softcap applied), the tanh used by the
+from ``hidden`` and an LM head (bias, scale, softcap and temperature applied), the tanh used by the
 softcap, grouped program ordering, and the launch configurations.
 
 A logits tile costs ``2 * BLOCK_N * BLOCK_V * D`` FLOPs and reads ``(BLOCK_N + BLOCK_V) * D``
@@ -39,7 +39,7 @@ def _logits_tile(
     rows, cols,                      # int64 row / vocabulary indices of the tile
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    inv_temp, softcap,               # 1 / temperature; softcap (ignored unless HAS_SOFTCAP)
+    inv_temp, softcap,               # the transform as cap * tanh(u * inv_temp / cap) (docs/design.md §2.1)
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,           # cast operands to fp32 before tl.dot (interpreter, fp32/fp64 inputs)
@@ -144,11 +144,3 @@ def num_vocab_splits(n_row_tiles: int, n_vocab_tiles: int, device: torch.device)
     want = max(1, min(want, n_vocab_tiles))
     per = triton.cdiv(n_vocab_tiles, want)
     return triton.cdiv(n_vocab_tiles, per), per
-
-
-def combine_lse(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial (max, sum) over splits (dim 0) -> (lse, per-split weights e^{m_k - M}, total sum)."""
-    big = m.amax(0)
-    w = torch.exp(m - big)
-    total = (s * w).sum(0)
-    return big + torch.log(total), w, total

@@ -1,4 +1,4 @@
-"""Fused ``linear_divergence`` (SPEC §2.2): per-row KL / JSD between a student head and a
+"""Fused ``linear_divergence`` (docs/design.md §2.3): per-row KL / JSD between a student head and a
 constant teacher head, without either ``[N x V]`` logits.
 
 Math, per row with ``zs``, ``zt`` the two heads' logits (bias, temperature, softcap applied),
@@ -29,17 +29,17 @@ receives nothing.  Rows with ``labels == ignore_index`` give 0 and no gradient.
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _grouped_pid, _logits_tile, combine_lse, dot_flags, num_vocab_splits, tile_config
-from .gemm import chunk_gradients, dz_chunk_width
+from ..backends import contract as C
+from ..backends.tiling import GradAccumulator, plan_chunk_columns
+from ._tiles import _grouped_pid, _logits_tile, dot_flags, num_vocab_splits, tile_config
 
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+# Kinds as compile-time constants of the kernels (the values of ``contract.Kind``).
+FORWARD_KL = tl.constexpr(int(C.Kind.FORWARD_KL))
+REVERSE_KL = tl.constexpr(int(C.Kind.REVERSE_KL))
 
 # --------------------------------------------------------------------------- jit helpers
 
@@ -106,9 +106,9 @@ def _divergence_fwd_kernel(
         rt = tl.exp(mt - mt_new)
         es = tl.exp(zs_m - ms_new[:, None])
         et = tl.exp(zt_m - mt_new[:, None])
-        if KIND == 0:
+        if KIND == FORWARD_KL:
             cross = cross * rt + tl.sum(tl.where(col_mask[None, :], et * (zt - zs), 0.0), axis=1)
-        elif KIND == 1:
+        elif KIND == REVERSE_KL:
             cross = cross * rs + tl.sum(tl.where(col_mask[None, :], es * (zs - zt), 0.0), axis=1)
         ss = ss * rs + tl.sum(es, axis=1)
         st = st * rt + tl.sum(et, axis=1)
@@ -220,9 +220,9 @@ def _divergence_bwd_dz_kernel(
     log_ps = zs - lse_s[:, None]
     log_pt = zt - lse_t[:, None]
     ps = tl.exp(log_ps)
-    if KIND == 0:
+    if KIND == FORWARD_KL:
         dz = ps - tl.exp(log_pt)
-    elif KIND == 1:
+    elif KIND == REVERSE_KL:
         aux = tl.load(stats_ptr + rows * stride_stn + 2, mask=row_mask, other=0.0)
         dz = ps * (log_ps - log_pt - aux[:, None])
     else:
@@ -248,126 +248,111 @@ def _head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
     return hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1)
 
 
-def _flags(s_hidden, t_hidden, s_bias, t_bias, s_softcap, t_softcap) -> dict:
+def _flags(s_hidden, t_hidden, s_bias, t_bias, s_cap, t_cap) -> dict:
     s_f32, s_prec = dot_flags(s_hidden.dtype, s_hidden.device)
     t_f32, t_prec = dot_flags(t_hidden.dtype, t_hidden.device)
     return dict(
         S_HAS_BIAS=s_bias is not None, T_HAS_BIAS=t_bias is not None,
-        S_HAS_SOFTCAP=s_softcap is not None, T_HAS_SOFTCAP=t_softcap is not None,
+        S_HAS_SOFTCAP=s_cap is not None, T_HAS_SOFTCAP=t_cap is not None,
         S_DOT_F32=s_f32, S_PRECISION=s_prec, T_DOT_F32=t_f32, T_PRECISION=t_prec,
     )
 
 
-def _beta_logs(beta: float) -> tuple[float, float]:
-    """(log beta, log(1 - beta)) for JSD (beta strictly inside (0, 1) there)."""
-    lo = math.log(beta) if beta > 0 else float("-inf")
-    hi = math.log1p(-beta) if beta < 1 else float("-inf")
-    return lo, hi
+def _scalars(opts: C.DivergenceOptions) -> tuple[float, float, float]:
+    """``(inv_temp, s_cap, t_cap)``: the kernels take one ``inv_temp`` for both heads, so
+    ``triton_ops.unsupported`` only sends calls whose heads share it."""
+    inv_temp, s_cap = opts.student.kernel_params()
+    _, t_cap = opts.teacher.kernel_params()
+    return inv_temp, 1.0 if s_cap is None else s_cap, 1.0 if t_cap is None else t_cap
 
 
-def divergence_fwd(
-    s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: torch.Tensor, t_weight: torch.Tensor,
-    labels: Optional[torch.Tensor], s_bias: Optional[torch.Tensor], t_bias: Optional[torch.Tensor],
-    ignore_index: int, kind: int, beta: float, temperature: float,
-    s_softcap: Optional[float], t_softcap: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``div [N]`` fp32 and ``stats [N, 3]`` fp32 = (lse_s, lse_t, aux)."""
+def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts: C.DivergenceOptions):
+    """The contract's forward: ``(stats [DV_PLANES, N], empty cache)``, fp32 (no student entropy plane
+    yet: ``triton_ops.unsupported`` routes such calls elsewhere)."""
     n, ds = s_hidden.shape
     dt = t_hidden.shape[1]
     vocab = s_weight.shape[0]
     dev = s_hidden.device
-    stats = torch.zeros(n, 3, dtype=torch.float32, device=dev)
+    cache = s_hidden.new_empty(0, dtype=torch.float32)
+    stats = C.empty_divergence_stats(n, cache)
     if n == 0:
-        return stats.new_empty(0), stats
+        return stats, cache
+    _, s_cap = opts.student.kernel_params()
+    _, t_cap = opts.teacher.kernel_params()
     cfg = tile_config("divergence_fwd", dev, (ds, dt))
     n_row_tiles = triton.cdiv(n, cfg.block_n)
     splits, per = num_vocab_splits(n_row_tiles, triton.cdiv(vocab, cfg.block_v), dev)
-    flags = _flags(s_hidden, t_hidden, s_bias, t_bias, s_softcap, t_softcap)
-    scal = (1.0 / temperature, 1.0 if s_softcap is None else float(s_softcap),
-            1.0 if t_softcap is None else float(t_softcap))
+    flags = _flags(s_hidden, t_hidden, s_bias, t_bias, s_cap, t_cap)
+    scal = _scalars(opts)
     heads = (s_hidden, s_weight, s_bias if s_bias is not None else s_hidden,
              t_hidden, t_weight, t_bias if t_bias is not None else t_hidden)
     strides = _head_args(s_hidden, s_weight) + _head_args(t_hidden, t_weight)
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
-    _divergence_fwd_kernel[(n_row_tiles, splits)](
-        *heads, part, n, vocab, ds, dt, splits, per, *strides, *scal, KIND=kind, **flags, **blocks,
-    )
-    lse_s, w_s, tot_s = combine_lse(part[0], part[1])
-    lse_t, w_t, tot_t = combine_lse(part[2], part[3])
-    stats[:, 0] = lse_s
-    stats[:, 1] = lse_t
-    if kind == FORWARD_KL:
-        div = (part[4] * w_t).sum(0) / tot_t - lse_t + lse_s
-    elif kind == REVERSE_KL:
-        div = (part[4] * w_s).sum(0) / tot_s - lse_s + lse_t
-        stats[:, 2] = div
-    else:
+    if lse_st is None:
+        part = torch.empty(5, splits, n, dtype=torch.float32, device=dev)
+        _divergence_fwd_kernel[(n_row_tiles, splits)](
+            *heads, part, n, vocab, ds, dt, splits, per, *strides, *scal, KIND=int(opts.kind), **flags, **blocks,
+        )
+        parts = stats.unsqueeze(0).repeat(splits, 1, 1)
+        parts[:, [C.DV_SMAX, C.DV_SSUM, C.DV_TMAX, C.DV_TSUM, C.DV_CROSS]] = part.transpose(0, 1)
+        stats = C.merge_divergence(parts, opts.kind)
+    if opts.kind == C.Kind.JSD and (lse_st is not None or C.covers_vocabulary(opts, vocab)):
+        lse = C.divergence_lse(stats) if lse_st is None else lse_st.float()
+        saved = torch.stack([lse[:, 0], lse[:, 1], torch.zeros_like(lse[:, 0])], 1).contiguous()
         kl = torch.empty(2, splits, n, dtype=torch.float32, device=dev)
         _divergence_jsd_kernel[(n_row_tiles, splits)](
-            *heads, stats, kl, n, vocab, ds, dt, splits, per, *strides, stats.stride(0), *scal,
-            *_beta_logs(beta), **flags, **blocks,
+            *heads, saved, kl, n, vocab, ds, dt, splits, per, *strides, saved.stride(0), *scal,
+            *C.log_mixture_consts(opts.beta), **flags, **blocks,
         )
-        kl_t, kl_s = kl[0].sum(0), kl[1].sum(0)
-        div = beta * kl_t + (1.0 - beta) * kl_s
-        stats[:, 2] = kl_s
-    if labels is not None:
-        div = torch.where(labels != ignore_index, div, torch.zeros_like(div))
-    return div, stats
+        stats[C.DV_KLT], stats[C.DV_KLS] = kl[0].sum(0), kl[1].sum(0)
+    return stats, cache
 
 
-def divergence_bwd(
-    grad: torch.Tensor, s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: torch.Tensor,
-    t_weight: torch.Tensor, labels: Optional[torch.Tensor], s_bias: Optional[torch.Tensor],
-    t_bias: Optional[torch.Tensor], stats: torch.Tensor, ignore_index: int, kind: int, beta: float,
-    temperature: float, s_softcap: Optional[float], t_softcap: Optional[float],
-    need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, saved, cache,
+                   opts: C.DivergenceOptions, need_hidden: bool, need_weight: bool, need_bias: bool):
     """Student-side ``(d_hidden | None, d_weight | None, d_bias | None)`` in the student's dtypes."""
     n, ds = s_hidden.shape
     dt = t_hidden.shape[1]
     vocab = s_weight.shape[0]
     dev = s_hidden.device
     need_bias = need_bias and s_bias is not None
-    alloc = torch.zeros_like if n == 0 else torch.empty_like  # every element is written below
-    d_hidden = alloc(s_hidden) if need_hidden else None
-    d_weight = alloc(s_weight) if need_weight else None
-    d_bias = alloc(s_bias) if need_bias else None
-    if n == 0 or not (need_hidden or need_weight or need_bias):
-        return d_hidden, d_weight, d_bias
-
-    g = grad.float()
-    if labels is not None:
-        g = torch.where(labels != ignore_index, g, torch.zeros_like(g))
-    stats = stats.float().contiguous()
     cfg = tile_config("divergence_bwd", dev, (ds, dt))
-    flags = _flags(s_hidden, t_hidden, s_bias, t_bias, s_softcap, t_softcap)
-    scal = (1.0 / temperature, 1.0 if s_softcap is None else float(s_softcap),
-            1.0 if t_softcap is None else float(t_softcap))
-    chunk = dz_chunk_width(n, vocab, s_hidden.element_size(), cfg.block_v)
+    chunk = plan_chunk_columns(n, vocab, elem_bytes=s_hidden.element_size(), multiple=cfg.block_v)
+    acc = GradAccumulator(s_hidden, s_weight, s_bias, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, chunks=triton.cdiv(vocab, chunk), rows=n, cols=chunk)
+    if n == 0 or not acc.any:
+        if n == 0:
+            for t in (acc.d_hidden, acc.d_weight):
+                if t is not None:
+                    t.zero_()
+        return acc.result(s_bias)
+    _, s_cap = opts.student.kernel_params()
+    _, t_cap = opts.teacher.kernel_params()
+    g = grad.float()
+    saved = saved.float().contiguous()
+    flags = _flags(s_hidden, t_hidden, s_bias, t_bias, s_cap, t_cap)
     n_row_tiles = triton.cdiv(n, cfg.block_n)
     dz = torch.empty(n, chunk, dtype=s_hidden.dtype, device=dev)
     db_part = torch.empty(n_row_tiles, chunk, dtype=torch.float32, device=dev) if need_bias else g
-    multi = chunk < vocab
-    dh_acc = torch.zeros(n, ds, dtype=torch.float32, device=dev) if (need_hidden and multi) else None
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
         grid = (n_row_tiles * triton.cdiv(width, cfg.block_v),)
         _divergence_bwd_dz_kernel[grid](
             s_hidden, s_weight, s_bias if s_bias is not None else s_hidden,
             t_hidden, t_weight, t_bias if t_bias is not None else t_hidden,
-            stats, g, dz, db_part,
+            saved, g, dz, db_part,
             n, vocab, ds, dt, v0, width,
             *_head_args(s_hidden, s_weight), *_head_args(t_hidden, t_weight),
-            stats.stride(0), dz.stride(0), db_part.stride(0) if need_bias else 0,
-            *scal, *_beta_logs(beta), 1.0 - beta,
-            KIND=kind, NEED_BIAS=need_bias, **flags,
+            saved.stride(0), dz.stride(0), db_part.stride(0) if need_bias else 0,
+            *_scalars(opts), *C.log_mixture_consts(opts.beta), 1.0 - opts.beta,
+            KIND=int(opts.kind), NEED_BIAS=need_bias, **flags,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        chunk_gradients(dz, db_part, v0, width, s_hidden, s_weight, d_hidden, d_weight, d_bias, dh_acc)
-    if dh_acc is not None:
-        d_hidden.copy_(dh_acc)
-    return d_hidden, d_weight, d_bias
+        acc.begin_chunk(v0, v0 + width)
+        acc.add(dz[:, :width], s_hidden, s_weight[v0:v0 + width], 0, n, v0, v0 + width,
+                bias_sums=db_part[:, :width].sum(0) if need_bias else None)
+        acc.end_chunk(v0, v0 + width)
+    return acc.result(s_bias)

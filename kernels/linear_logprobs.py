@@ -1,11 +1,12 @@
-"""Fused ``linear_logprobs`` (SPEC §2.1): per-row log-prob of the label and entropy under an LM
+"""Fused ``linear_logprobs`` (docs/design.md §2.2): per-row log-prob of the label and entropy under an LM
 head, without the ``[N x V]`` logits.
 
-Math, per row with ``z = softcap(tanh)((h @ W.T + b) / T)``:
+Math, per row with ``z = cap * tanh((h @ W.T + b) * inv_temp / cap)`` (the contract's transform,
+docs/design.md §2.1):
     lse = logsumexp(z),  logp = z[label] - lse,  entropy = lse - sum softmax(z) * z
           (computed as log s - sum e^{z-m} (z-m) / s with m the row max: no cancellation)
     dz  = g_logp (onehot(label) - p) - g_ent p (z - sum p z),   p = exp(z - lse)
-          then chained through softcap (1 - (z / c)^2) and temperature (1 / T)
+          then chained through the transform: inv_temp * (1 - (z / cap)^2)
     d hidden = dz @ W,  d W = dz.T @ hidden,  d b = sum_rows dz
 
 Forward (``_logprobs_fwd_kernel``): grid (row tiles, vocabulary splits).  Each program walks its
@@ -50,8 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _grouped_pid, _logits_tile, combine_lse, dot_flags, num_vocab_splits, tile_config
-from .gemm import chunk_gradients, dz_chunk_width
+from ..backends import contract as C
+from ..backends.tiling import GradAccumulator, plan_chunk_columns
+from ._tiles import _grouped_pid, _logits_tile, dot_flags, num_vocab_splits, tile_config
 
 # --------------------------------------------------------------------------- kernels
 
@@ -171,111 +173,93 @@ def _logprobs_bwd_dz_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _empty(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0, dtype=torch.float32)
+def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+                 opts: C.LogprobsOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract's forward: ``(stats [LP_PLANES, N], empty cache)``, fp32.
 
-
-def logprobs_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-    ignore_index: int, temperature: float, softcap: Optional[float], with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``logp [N]``, ``entropy [N]`` (empty unless ``with_entropy``), ``lse [N]``; all fp32."""
+    Computes the max / sum-exp / target / entropy planes (the extra statistics are not implemented
+    in this kernel yet: ``fastpref.backends.triton_ops.unsupported`` routes such calls elsewhere).
+    """
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
+    cache = hidden.new_empty(0, dtype=torch.float32)
     if n == 0:
-        e = _empty(hidden)
-        return e, e.clone(), e.clone()
+        return C.empty_logprobs_stats(0, cache), cache
+    inv_temp, cap = opts.transform.kernel_params()
+    local = labels - opts.vocab_start if opts.vocab_start else labels
     cfg = tile_config("logprobs_fwd", dev, (d,))
     dot_f32, precision = dot_flags(hidden.dtype, dev)
     n_row_tiles = triton.cdiv(n, cfg.block_n)
     splits, per = num_vocab_splits(n_row_tiles, triton.cdiv(vocab, cfg.block_v), dev)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
+    if not opts.entropy:
+        part[3].zero_()  # the kernel writes the entropy plane only when asked
     _logprobs_fwd_kernel[(n_row_tiles, splits)](
-        hidden, weight, bias if bias is not None else hidden, labels,
+        hidden, weight, bias if bias is not None else hidden, local,
         part,
         n, vocab, d, splits, per,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / temperature, 1.0 if softcap is None else float(softcap),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
+        inv_temp, 1.0 if cap is None else cap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=cap is not None, WITH_ENTROPY=opts.entropy,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_F32=dot_f32, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    lse, w, total = combine_lse(part[0], part[1])
-    target = part[2].sum(0)
-    keep = labels != ignore_index
-    bad = keep & ((labels < 0) | (labels >= vocab))
-    zero = torch.zeros_like(lse)
-    nan = torch.full_like(lse, float("nan"))
-    logp = torch.where(keep, torch.where(bad, nan, target - lse), zero)
-    if with_entropy:
-        # each split's t is relative to its own max m_k; re-base onto the global max M:
-        # T = sum_k w_k (t_k + (m_k - M) s_k),  entropy = log S - T / S
-        big = part[0].amax(0)
-        shift = torch.where(part[1] > 0, part[0] - big, torch.zeros_like(part[0]))
-        t_all = (w * (part[3] + shift * part[1])).sum(0)
-        entropy = torch.where(keep, torch.where(bad, nan, torch.log(total) - t_all / total), zero)
-    else:
-        entropy = _empty(hidden)
-    return logp, entropy, lse
+    parts = C.empty_logprobs_stats(n, part).unsqueeze(0).repeat(splits, 1, 1)
+    parts[:, [C.LP_MAX, C.LP_SUM, C.LP_TARGET, C.LP_ENT]] = part.transpose(0, 1)
+    return C.merge_logprobs(parts), cache
 
 
-def logprobs_bwd(
-    grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor,
-    labels: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor, entropy: Optional[torch.Tensor],
-    ignore_index: int, temperature: float, softcap: Optional[float],
-    need_hidden: bool, need_weight: bool, need_bias: bool,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """-> ``(d_hidden | None, d_weight | None, d_bias | None)`` in the inputs' dtypes."""
+def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, cache, opts: C.LogprobsOptions,
+                 need_hidden: bool, need_weight: bool, need_bias: bool):
+    """The contract's backward: ``(d_hidden | None, d_weight | None, d_bias | None)`` in the inputs' dtypes."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
+    cfg = tile_config("logprobs_bwd", dev, (d,))
+    chunk = plan_chunk_columns(n, vocab, elem_bytes=hidden.element_size(), multiple=cfg.block_v)
     need_bias = need_bias and bias is not None
-    alloc = torch.zeros_like if n == 0 else torch.empty_like  # every element is written below
-    d_hidden = alloc(hidden) if need_hidden else None
-    d_weight = alloc(weight) if need_weight else None
-    d_bias = alloc(bias) if need_bias else None
-    if n == 0 or not (need_hidden or need_weight or need_bias):
-        return d_hidden, d_weight, d_bias
-
-    keep = labels != ignore_index
-    bad = keep & ((labels < 0) | (labels >= vocab))
+    acc = GradAccumulator(hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
+                          need_bias=need_bias, chunks=triton.cdiv(vocab, chunk), rows=n, cols=chunk)
+    if n == 0 or not acc.any:
+        if n == 0:
+            for t in (acc.d_hidden, acc.d_weight):
+                if t is not None:
+                    t.zero_()
+        return acc.result(bias)
+    inv_temp, cap = opts.transform.kernel_params()
+    local = labels - opts.vocab_start if opts.vocab_start else labels
     zero = torch.zeros(n, dtype=torch.float32, device=dev)
-    g = torch.where(keep, torch.where(bad, torch.full_like(zero, float("nan")), grad_logp.float()), zero)
-    with_entropy = grad_entropy is not None and entropy is not None
+    g = g_logp.float()
+    with_entropy = g_entropy is not None and entropy is not None
     if with_entropy:
-        ge = torch.where(keep, grad_entropy.float(), zero)
-        mean_z = lse - entropy.float()
+        ge, mean_z = g_entropy.float(), lse - entropy.float()
     else:
         ge = mean_z = zero
-
-    cfg = tile_config("logprobs_bwd", dev, (d,))
     dot_f32, precision = dot_flags(hidden.dtype, dev)
-    chunk = dz_chunk_width(n, vocab, hidden.element_size(), cfg.block_v)
     n_row_tiles = triton.cdiv(n, cfg.block_n)
     dz = torch.empty(n, chunk, dtype=hidden.dtype, device=dev)
     db_part = torch.empty(n_row_tiles, chunk, dtype=torch.float32, device=dev) if need_bias else zero
-    multi = chunk < vocab
-    dh_acc = torch.zeros(n, d, dtype=torch.float32, device=dev) if (need_hidden and multi) else None
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
         grid = (n_row_tiles * triton.cdiv(width, cfg.block_v),)
         _logprobs_bwd_dz_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, labels,
+            hidden, weight, bias if bias is not None else hidden, local,
             lse, g, ge, mean_z,
             dz, db_part,
             n, vocab, d, v0, width,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
             db_part.stride(0) if need_bias else 0,
-            1.0 / temperature, 1.0 if softcap is None else float(softcap),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
+            inv_temp, 1.0 if cap is None else cap,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=cap is not None, WITH_ENTROPY=with_entropy,
             NEED_BIAS=need_bias,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             DOT_F32=dot_f32, PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        chunk_gradients(dz, db_part, v0, width, hidden, weight, d_hidden, d_weight, d_bias, dh_acc)
-    if dh_acc is not None:
-        d_hidden.copy_(dh_acc)
-    return d_hidden, d_weight, d_bias
+        acc.begin_chunk(v0, v0 + width)
+        acc.add(dz[:, :width], hidden, weight[v0:v0 + width], 0, n, v0, v0 + width,
+                bias_sums=db_part[:, :width].sum(0) if need_bias else None)
+        acc.end_chunk(v0, v0 + width)
+    return acc.result(bias)

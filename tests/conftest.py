@@ -1,4 +1,4 @@
-"""Shared test helpers: seeded inputs and the accuracy rule of STYLE.md.
+"""Shared test helpers: seeded inputs and the accuracy rule of docs/design.md §6.
 
 Accuracy rule: ``|out - truth| <= 2 * |naive - truth| + floor``, where ``truth`` is the fp64
 oracle and ``naive`` is plain PyTorch in the inputs' own dtype (the oracle with

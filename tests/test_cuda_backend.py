@@ -8,7 +8,7 @@ kernels (split vocabulary, split rows, bf16 tiles, every divergence kind).
 
 Runs on a GPU only (``-m gpu``): the real kernels against the same model on odd shapes,
 strides and alignments; ``opcheck`` of the real ops; the public API with ``backend="cuda"``
-against the oracle (accuracy rule of STYLE.md).
+against the oracle (the accuracy rule of docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def workspace(nbytes):
 
 
 def assert_accurate(name, out, naive, truth, dtype):
-    """STYLE.md's rule; a bf16/fp16 *output* also gets one ulp of its own dtype on the floor
+    """The accuracy rule (docs/design.md §6); a bf16/fp16 *output* also gets one ulp of its own dtype on the floor
     (a correctly rounded result may sit a full ulp from the truth when naive was lucky)."""
     if dtype in (torch.bfloat16, torch.float16) and truth.numel():
         scale = truth.abs().max().item()
@@ -377,6 +377,12 @@ LOGPROB_CASES = [
 ]
 
 
+def _legacy_cap(cap, temp):
+    """The epilogues' own parameters ``(temperature T, softcap c)`` compute ``c tanh(u / (T c))``: the
+    contract's transform (docs/design.md §2.1) with temperature ``T`` and softcap ``c T``."""
+    return None if cap is None else cap * temp
+
+
 def _logprobs_check(fwd, bwd, case, with_entropy, gen, device="cpu"):
     _, n, d, v, dtype, ignored, has_bias, temp, cap, ws = case
     h, w, b = make_head(n, d, v, dtype=dtype, bias=has_bias, gen=gen)
@@ -389,8 +395,8 @@ def _logprobs_check(fwd, bwd, case, with_entropy, gen, device="cpu"):
 
     def oracle(precision):
         leaves = [None if t is None else t.detach().requires_grad_() for t in (h, w, b)]
-        lp, ent = ref.linear_logprobs(leaves[0], leaves[1], labels, leaves[2], temperature=temp, softcap=cap,
-                                      return_entropy=True, precision=precision)
+        lp, ent = ref.linear_logprobs(leaves[0], leaves[1], labels, leaves[2], temperature=temp,
+                                      softcap=_legacy_cap(cap, temp), return_entropy=True, precision=precision)
         loss = (lp.double() * g_logp).sum() + ((ent.double() * g_ent).sum() if with_entropy else 0)
         grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
         return lp.detach(), ent.detach(), grads
@@ -441,8 +447,8 @@ def _divergence_check(fwd, bwd, case, kind, gen, device="cpu"):
     def oracle(precision):
         leaves = [None if t is None else t.detach().requires_grad_() for t in (hs, wsh, bs)]
         div = ref.linear_divergence(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt,
-                                    kind=kind, beta=beta, temperature=temp, student_softcap=s_cap,
-                                    teacher_softcap=t_cap, precision=precision)
+                                    kind=kind, beta=beta, temperature=temp, student_softcap=_legacy_cap(s_cap, temp),
+                                    teacher_softcap=_legacy_cap(t_cap, temp), precision=precision)
         grads = torch.autograd.grad((div.double() * grad).sum(), [t for t in leaves if t is not None])
         return div.detach(), grads
 

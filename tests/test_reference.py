@@ -21,14 +21,32 @@ def test_logprobs_hand_computed():
         assert abs(ent.item() - (-sum(q * math.log(q) for q in p))) < 1e-14
 
 
-def test_logprobs_temperature_softcap_hand_computed():
+def test_logprobs_scale_softcap_temperature_hand_computed():
+    """TRL's / Hugging Face's order: scale, softcap, then temperature."""
     hidden = torch.tensor([[3.0]])
-    weight = torch.tensor([[1.0], [-1.0]])
-    t, c = 2.0, 1.0
-    z = [c * math.tanh(3.0 / t / c), c * math.tanh(-3.0 / t / c)]
+    weight = torch.tensor([[1.0], [-1.0], [0.5]])
+    s, c, t = 1.5, 2.0, 0.7
+    z = [c * math.tanh(s * u / c) / t for u in (3.0, -3.0, 1.5)]
     lse = math.log(sum(math.exp(x) for x in z))
-    logp = ref.linear_logprobs(hidden, weight, torch.tensor([1]), temperature=t, softcap=c)
-    assert abs(logp.item() - (z[1] - lse)) < 1e-14
+    out = ref.linear_logprobs(hidden, weight, torch.tensor([1]), temperature=t, softcap=c, logit_scale=s,
+                              outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    p = [math.exp(x - lse) for x in z]
+    assert abs(out["logp"].item() - (z[1] - lse)) < 1e-14
+    assert abs(out["entropy"].item() + sum(q * math.log(q) for q in p)) < 1e-14
+    assert abs(out["log_sum_sq_probs"].item() - math.log(sum(q * q for q in p))) < 1e-14
+    assert abs(out["mean_logits"].item() - sum(z) / 3) < 1e-14
+    assert not out["is_top1"].item()
+    top = ref.linear_logprobs(hidden, weight, torch.tensor([0]), temperature=t, softcap=c, logit_scale=s,
+                              outputs=("is_top1",))
+    assert top["is_top1"].item()
+
+
+def test_is_top1_is_the_first_argmax():
+    hidden = torch.tensor([[1.0]])
+    weight = torch.tensor([[0.0], [2.0], [2.0], [1.0]])  # a tie between columns 1 and 2
+    labels = torch.tensor([1])
+    assert ref.linear_logprobs(hidden, weight, labels, outputs=("is_top1",))["is_top1"].item()
+    assert not ref.linear_logprobs(hidden, weight, torch.tensor([2]), outputs=("is_top1",))["is_top1"].item()
 
 
 def test_logprobs_ignored_rows_are_zero_and_match_cross_entropy():

@@ -10,7 +10,7 @@ from conftest import assert_accurate, make_head, make_labels
 
 import fastpref as fp
 from fastpref import reference as ref
-from fastpref.backends import torch_backend
+from fastpref.backends import tiling
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def _grads(out_terms, inputs):
 
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
 @pytest.mark.parametrize("case", LOGPROB_CASES, ids=[c[0] for c in LOGPROB_CASES])
-def test_logprobs_matches_oracle(case, with_entropy, gen):
+def test_logprobs_matches_oracle(case, with_entropy, gen, keep_logits):
     _, n, d, v, dtype, ignored, has_bias, temp, cap, ws = case
     h, w, b = make_head(n, d, v, dtype=dtype, bias=has_bias, gen=gen)
     labels = make_labels(n, v, ignored=ignored, gen=gen)
@@ -85,7 +85,7 @@ DIV_CASES = [
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("case", DIV_CASES, ids=[c[0] for c in DIV_CASES])
-def test_divergence_matches_oracle(case, kind, gen):
+def test_divergence_matches_oracle(case, kind, gen, keep_logits):
     _, n, ds, dt, v, dtype, ignored, has_bias, temp, cap, ws = case
     hs, ws_, bs = make_head(n, ds, v, dtype=dtype, bias=has_bias, gen=gen)
     ht, wt, bt = make_head(n, dt, v, dtype=dtype, bias=has_bias, gen=gen)
@@ -115,15 +115,24 @@ def test_divergence_matches_oracle(case, kind, gen):
 @pytest.fixture
 def narrow_tiles(monkeypatch):
     """Vocabulary tiles of 64+ columns, so a 64 KiB workspace splits V=300 over several tiles."""
-    monkeypatch.setattr(torch_backend, "_MIN_TILE_COLS", 64)
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+
+
+@pytest.fixture(params=[True, False], ids=["keep-logits", "recompute"])
+def keep_logits(request):
+    """Both backward paths: logits kept from the forward (they fit the budget), and recomputed."""
+    old = fp.get_keep_logits()
+    fp.set_keep_logits(request.param)
+    yield request.param
+    fp.set_keep_logits(old)
 
 
 @pytest.mark.parametrize("ws", [None, 2**16], ids=["one-tile", "vocab-chunked"])
-def test_gradcheck_logprobs(ws, gen, narrow_tiles):
+def test_gradcheck_logprobs(ws, gen, narrow_tiles, keep_logits):
     n, d, v = 16, 3, 300
     if ws:
         with workspace(ws):
-            assert torch_backend._plan(n, v, d, False)[1] < v, "the case no longer splits the vocabulary"
+            assert tiling.plan_tiles(n, v, elem_bytes=8)[1] < v, "the case no longer splits the vocabulary"
     h, w, b = (t.requires_grad_() for t in make_head(n, d, v, dtype=torch.float64, bias=True, gen=gen))
     labels = make_labels(n, v, gen=gen)
     labels[1] = -100
@@ -136,10 +145,10 @@ def test_gradcheck_logprobs(ws, gen, narrow_tiles):
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_gradcheck_divergence(kind, gen, narrow_tiles):
+def test_gradcheck_divergence(kind, gen, narrow_tiles, keep_logits):
     n, v = 16, 300
     with workspace(2**16):
-        assert torch_backend._plan(n, v, 5, False)[1] < v, "the case no longer splits the vocabulary"
+        assert tiling.plan_tiles(n, v, elem_bytes=8, heads=2)[1] < v, "the case no longer splits the vocabulary"
     hs, ws_, bs = (t.requires_grad_() for t in make_head(n, 5, v, dtype=torch.float64, bias=True, gen=gen))
     ht, wt, _ = make_head(n, 3, v, dtype=torch.float64, gen=gen)
 
@@ -215,7 +224,7 @@ def test_frozen_head_gets_no_gradient_work(gen):
     lp = fp.linear_logprobs(h, w, labels, b, backend="torch")
     with _OpSpy() as spy:
         lp.sum().backward()
-    bwd = [args for name, args in spy.calls if "logprobs_bwd_torch" in name]
+    bwd = [args for name, args in spy.calls if "logprobs_bwd" in name]
     assert len(bwd) == 1
     need_hidden, need_weight, need_bias = bwd[0][-3:]
     assert (need_hidden, need_weight, need_bias) == (True, False, False)

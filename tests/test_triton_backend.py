@@ -24,6 +24,17 @@ import torch  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref import reference  # noqa: E402
+from fastpref.backends.contract import (  # noqa: E402
+    DivergenceOptions,
+    Kind,
+    LogprobsOptions,
+    Transform,
+    divergence_to_args,
+    finish_divergence,
+    finish_logprobs,
+    logprobs_to_args,
+)
+from fastpref.primitives import logprobs_rows  # noqa: E402
 
 try:
     from fastpref.kernels import linear_logprobs as _lp_kernels
@@ -178,11 +189,12 @@ def test_logprobs_bad_label_is_nan_not_oob(gen):
     h0, w0, _ = _head(gen, 80, 37, 123, 2.0, False)
     labels = _labels(gen, 80, 123, 0.0)
     labels[3], labels[40], labels[79] = 123, -5, 10**6
-    logp, entropy, lse = torch.ops.fastpref.logprobs_fwd_triton(h0, w0, labels, None, -100, 1.0, None, True)
+    out = logprobs_rows(h0, w0, labels, None, LogprobsOptions(entropy=True), "triton")  # unchecked internal call
+    logp, entropy = out.logp, out.entropy
     bad = torch.zeros(80, dtype=torch.bool)
     bad[[3, 40, 79]] = True
     assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all()
-    assert torch.isfinite(logp[~bad]).all() and torch.isfinite(lse).all()
+    assert torch.isfinite(logp[~bad]).all()
     truth = reference.linear_logprobs(h0.double(), w0.double(), torch.where(bad, 0, labels))
     assert (logp[~bad].double() - truth[~bad]).abs().max() < 1e-4
 
@@ -299,23 +311,28 @@ def test_divergence_frozen_student_head(gen):
 
 
 def test_registered_ops_pass_opcheck(gen):
-    """Schema, fake (meta) implementations and dispatch of the four ``fastpref::*_triton`` ops."""
+    """Schema, fake (meta) implementations and dispatch of the four ``fastpref::*`` ops on this backend."""
     n, d, vocab = 70, 40, 300
     h, w, b = _head(gen, n, d, vocab, 2.0, True)
     ht, wt, _ = _head(gen, n, 24, vocab, 2.0, False)
     labels = _labels(gen, n, vocab, 0.2)
     gl, ge = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     ops = torch.ops.fastpref
-    _, ent, lse = ops.logprobs_fwd_triton(h, w, labels, b, -100, 0.8, 10.0, True)
-    torch.library.opcheck(ops.logprobs_fwd_triton, (h, w, labels, b, -100, 0.8, 10.0, True))
-    torch.library.opcheck(ops.logprobs_fwd_triton, (h, w, labels, None, -100, 1.0, None, False))
-    torch.library.opcheck(ops.logprobs_bwd_triton, (gl, ge, h, w, labels, b, lse, ent, -100, 0.8, 10.0, True, True,
-                                                    True))
-    torch.library.opcheck(ops.logprobs_bwd_triton, (gl, None, h, w, labels, None, lse, None, -100, 1.0, None, True,
-                                                    False, False))
-    for kind in (0, 1, 2):
-        args = (h, w, ht, wt, labels, b, None, -100, kind, 0.4, 1.0, None, 15.0)
-        torch.library.opcheck(ops.divergence_fwd_triton, args)
-        _, stats = ops.divergence_fwd_triton(*args)
-        torch.library.opcheck(ops.divergence_bwd_triton, (gl, h, w, ht, wt, labels, b, None, stats, -100, kind, 0.4,
-                                                          1.0, None, 15.0, True, True, True))
+    opts = LogprobsOptions(entropy=True, transform=Transform(0.8, 10.0, 1.3), vocab_size=vocab)
+    stats, cache = ops.logprobs_fwd(h, w, labels, b, *logprobs_to_args(opts), "triton")
+    rows = finish_logprobs(stats, labels, opts)
+    torch.library.opcheck(ops.logprobs_fwd, (h, w, labels, b, *logprobs_to_args(opts), "triton"))
+    plain = LogprobsOptions(vocab_size=vocab)
+    torch.library.opcheck(ops.logprobs_fwd, (h, w, labels, None, *logprobs_to_args(plain), "triton"))
+    torch.library.opcheck(ops.logprobs_bwd, (gl, ge, h, w, labels, b, rows.lse, rows.entropy, cache,
+                                             *logprobs_to_args(opts), "triton", True, True, True))
+    torch.library.opcheck(ops.logprobs_bwd, (gl, None, h, w, labels, None, rows.lse, None, cache,
+                                             *logprobs_to_args(plain), "triton", True, False, False))
+    for kind in Kind:
+        dopts = DivergenceOptions(kind=kind, beta=0.4, teacher=Transform(1.0, 15.0), vocab_size=vocab)
+        args = (h, w, b, ht, wt, None, None, *divergence_to_args(dopts), "triton")
+        torch.library.opcheck(ops.divergence_fwd, args)
+        stats, cache = ops.divergence_fwd(*args)
+        saved = finish_divergence(stats, labels, dopts).saved
+        torch.library.opcheck(ops.divergence_bwd, (gl, h, w, b, ht, wt, None, saved, cache,
+                                                   *divergence_to_args(dopts), "triton", True, True, True))

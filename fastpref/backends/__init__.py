@@ -1,25 +1,14 @@
 """Backend dispatch: ``"auto" | "torch" | "triton" | "cuda"`` (env override ``FASTPREF_BACKEND``).
 
-The contract every backend implements (2-D contiguous inputs, per-row fp32 outputs;
-fp64 for fp64 inputs; an output that was not asked for is an empty tensor):
+Every backend implements the contract of :mod:`.contract` as plain Python functions; the four
+``torch.library`` ops (``fastpref::logprobs_fwd`` ...) registered in :mod:`._register` take the
+user's backend *choice* and resolve it here, inside the op: so resolution runs eagerly (or once,
+in the fake kernel, while ``torch.compile`` traces) and never becomes part of a traced graph.
 
-``logprobs_fwd(hidden[N,D], weight[V,D], labels[N] i64, bias[V]?, ignore_index, temperature,
-softcap?, with_entropy) -> (logp[N], entropy[N] | [0], lse[N])``
-
-``logprobs_bwd(grad_logp[N], grad_entropy[N]?, hidden, weight, labels, bias?, lse, entropy?,
-ignore_index, temperature, softcap?, need_hidden, need_weight, need_bias) -> (d_hidden | [0],
-d_weight | [0], d_bias | [0])``
-
-``divergence_fwd(s_hidden[N,Ds], s_weight[V,Ds], t_hidden[N,Dt], t_weight[V,Dt], labels[N]?,
-s_bias?, t_bias?, ignore_index, kind, beta, temperature, s_softcap?, t_softcap?) ->
-(div[N], stats[N,3])``
-
-``divergence_bwd(grad[N], <the same tensors>, stats, <the same scalars>, need_hidden,
-need_weight, need_bias) -> (d_s_hidden | [0], d_s_weight | [0], d_s_bias | [0])``
-
-Ignored rows give 0 and no gradient; a label outside ``[0, V)`` gives NaN (never an
-out-of-bounds read).  Each backend registers these as ``torch.library`` ops named
-``fastpref::<op>_<backend>`` so they are opaque to ``torch.compile``.
+Resolution routes what a backend cannot serve: float64 always runs the torch backend (the kernels
+accumulate in fp32; float64 is for gradcheck, not speed); ``auto`` takes the first backend that can
+run the call (``triton``, ``cuda``, ``torch`` on CUDA; ``torch`` elsewhere) and says once, at INFO
+level, which it chose; an explicit backend that cannot run the call raises and says why.
 """
 
 from __future__ import annotations
@@ -27,85 +16,84 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 log = logging.getLogger("fastpref")
 
 BACKENDS = ("torch", "triton", "cuda")
-_CHOICES = ("auto",) + BACKENDS
-_MODULES = {"torch": "torch_ops", "triton": "triton_ops", "cuda": "cuda_ops"}
+CHOICES = ("auto",) + BACKENDS
+_MODULES = {"torch": "torch_backend", "triton": "triton_ops", "cuda": "cuda_ops"}
 _announced: set = set()
-_OPS: dict = {}
+_resolved: dict = {}
 
 
-def _module(name: str):
+def backend_module(name: str):
+    """The module implementing backend ``name`` (imported on first use)."""
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """``None`` if backend ``name`` can run on ``device``, else a sentence saying why not."""
     try:
-        mod = _module(name)
+        mod = backend_module(name)
     except Exception as exc:  # an import failure is a reason, not a crash
         return f"{name}: import failed ({type(exc).__name__}: {exc})"
     return mod.unavailable_reason(device)
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call; raises ``ValueError``/``RuntimeError`` with reasons.
+def _cannot_serve(name: str, device: torch.device, op: str, opts, sharded: bool) -> Optional[str]:
+    reason = unavailable_reason(name, device)
+    if reason is None and opts is not None:
+        reason = backend_module(name).unsupported(op, opts, sharded)
+    return reason
 
-    Under ``torch.compile`` this runs once at trace time and its answer is a constant.
-    It also loads the chosen backend's ops, so :func:`get_ops` is a plain lookup.
-    """
-    name = _resolve(backend, device)
-    _load(name)
+
+def resolve(choice: str, device: torch.device, dtype: torch.dtype, op: str = "", opts=None,
+            sharded: bool = False) -> str:
+    """The backend that runs one call of ``op`` (``"logprobs"`` / ``"divergence"``) with ``opts``;
+    ``sharded``: the weight is a slice of the vocabulary."""
+    env = os.environ.get("FASTPREF_BACKEND") or choice
+    key = (env, device, dtype, op, opts, sharded)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(env, torch.device(device), dtype, op, opts, sharded)
+        _resolved[key] = name
     return name
 
 
-# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo (and with it
-# Inductor and Triton) when fastpref is imported: under torch.compile, resolve() runs at trace time.
-resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
-def _load(name: str) -> SimpleNamespace:
-    if name not in _OPS:
-        _module(name)  # importing the module registers its ops
-        _OPS[name] = SimpleNamespace(
-            **{op: getattr(torch.ops.fastpref, f"{op}_{name}")
-               for op in ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")}
-        )
-    return _OPS[name]
-
-
-def _resolve(backend: str, device: torch.device) -> str:
-    choice = os.environ.get("FASTPREF_BACKEND") or backend
-    if choice not in _CHOICES:
-        raise ValueError(f"backend: expected one of {list(_CHOICES)}, got {choice!r}")
+def _resolve(choice: str, device: torch.device, dtype: torch.dtype, op: str, opts, sharded: bool) -> str:
+    if choice not in CHOICES:
+        raise ValueError(f"backend: expected one of {list(CHOICES)}, got {choice!r} (FASTPREF_BACKEND?)")
+    if dtype == torch.float64:
+        return "torch"
     if choice != "auto":
-        reason = unavailable_reason(choice, device)
+        reason = _cannot_serve(choice, device, op, opts, sharded)
         if reason is not None:
             raise RuntimeError(f"backend: {choice!r} cannot run on {device}: {reason}")
         return choice
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+    reasons = {}
     for name in order:
-        if unavailable_reason(name, device) is None:
-            key = (name, device.type)
-            if key not in _announced and not torch.compiler.is_compiling():
-                _announced.add(key)
+        reasons[name] = _cannot_serve(name, device, op, opts, sharded)
+        if reasons[name] is None:
+            if (name, device.type) not in _announced:
+                _announced.add((name, device.type))
                 log.info("fastpref: backend='auto' chose %r for %s tensors", name, device.type)
             return name
-    reasons = "; ".join(f"{n}: {unavailable_reason(n, device)}" for n in order)
-    raise RuntimeError(f"backend: no backend can run on {device} ({reasons})")
+    raise RuntimeError(f"backend: no backend can run on {device} ({'; '.join(f'{n}: {r}' for n, r in reasons.items())})")
 
 
-def available_backends(device: torch.device) -> dict:
-    """``{name: None | reason}`` for every backend on ``device``."""
+def available_backends(device: Union[torch.device, str, None] = None) -> dict:
+    """``{name: None | reason}`` for every backend on ``device`` (a ``torch.device`` or a string such as
+    ``"cuda:0"``; default: the current CUDA device if there is one, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a torch.device or a string, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {exc}") from None
     return {name: unavailable_reason(name, device) for name in BACKENDS}
-
-
-def get_ops(name: str) -> SimpleNamespace:
-    """The four registered ops of backend ``name`` (loaded by :func:`resolve`)."""
-    return _OPS[name] if name in _OPS else _load(name)

@@ -36,10 +36,9 @@ from typing import Any, Optional
 import torch
 
 from .. import _config
-from . import torch_backend
-from ._register import register_backend_ops
+from . import contract as C
 
-FORWARD_KL, REVERSE_KL, JSD = torch_backend.FORWARD_KL, torch_backend.REVERSE_KL, torch_backend.JSD
+FORWARD_KL, REVERSE_KL, JSD = int(C.Kind.FORWARD_KL), int(C.Kind.REVERSE_KL), int(C.Kind.JSD)
 
 LOGPROBS_STATE_WIDTH = 4  # csrc/fastpref_params.h: kLogprobsStateWidth
 DIVERGENCE_STATE_WIDTH = 8  # kDivergenceStateWidth
@@ -272,8 +271,6 @@ def logprobs_fwd(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``logp (N,)``, ``entropy (N,)`` (empty unless ``with_entropy``), ``lse (N,)``; all fp32."""
-    if hidden.dtype == torch.float64:
-        return torch_backend.logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy)
     ops = _load_extension()
     n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
     tdt = _tile_dtype(hidden.dtype)
@@ -367,11 +364,6 @@ def logprobs_bwd(
     need_bias: bool,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``dz = g (onehot - p) - g_ent p (z - sum p z)`` per tile (CUDA), then three cuBLAS GEMMs."""
-    if hidden.dtype == torch.float64:
-        return torch_backend.logprobs_bwd(
-            grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index, temperature,
-            softcap, need_hidden, need_weight, need_bias,
-        )
     need_bias = need_bias and bias is not None
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
@@ -434,11 +426,6 @@ def divergence_fwd(
     Forward/reverse KL: one pass per tile.  JSD: a second kernel pass over the same tiles (still
     in the workspace when the vocabulary fits one tile; recomputed when it is split).
     """
-    if s_hidden.dtype == torch.float64 or t_hidden.dtype == torch.float64:
-        return torch_backend.divergence_fwd(
-            s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index, kind, beta,
-            temperature, s_softcap, t_softcap,
-        )
     ops = _load_extension()
     n, vocab, dev = s_hidden.shape[0], s_weight.shape[0], s_hidden.device
     tdt = _pair_tile_dtype(s_hidden.dtype, t_hidden.dtype)
@@ -489,11 +476,6 @@ def divergence_bwd(
     need_bias: bool,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Student-side gradients: teacher tile recomputed, ``dz`` per kind (CUDA), three cuBLAS GEMMs."""
-    if s_hidden.dtype == torch.float64 or t_hidden.dtype == torch.float64:
-        return torch_backend.divergence_bwd(
-            grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats, ignore_index, kind, beta,
-            temperature, s_softcap, t_softcap, need_hidden, need_weight, need_bias,
-        )
     need_bias = need_bias and s_bias is not None
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
@@ -532,12 +514,79 @@ def divergence_bwd(
     return out.result(s_hidden.dtype)
 
 
-register_backend_ops(
-    "cuda",
-    SimpleNamespace(
-        logprobs_fwd=logprobs_fwd,
-        logprobs_bwd=logprobs_bwd,
-        divergence_fwd=divergence_fwd,
-        divergence_bwd=divergence_bwd,
-    ),
+# --------------------------------------------------------------------------- the contract
+
+
+def unsupported(op: str, opts, sharded: bool) -> Optional[str]:
+    """What the CUDA epilogues cannot compute yet, or ``None``."""
+    if sharded:
+        return "the CUDA backend does not take a vocabulary shard yet"
+    if op == "logprobs" and opts.any_extra:
+        return "the CUDA epilogues do not compute log_sum_sq_probs / mean_logits / is_top1 yet"
+    if op == "divergence":
+        if opts.student.kernel_params()[0] != opts.teacher.kernel_params()[0]:
+            return "the CUDA divergence epilogue takes one logit_scale / temperature for both heads"
+        if opts.entropy:
+            return "the CUDA divergence epilogue does not compute the student entropy yet"
+    return None
+
+
+def _legacy_scalars(t: C.Transform) -> tuple[float, Optional[float]]:
+    """The epilogues' ``(temperature, softcap)`` for ``z = softcap tanh(u / (T softcap))``, which is the
+    contract's transform with ``T = 1 / inv_temp`` and ``softcap = cap``."""
+    inv_temp, cap = t.kernel_params()
+    return 1.0 / inv_temp, cap
+
+
+def _contract_logprobs_fwd(hidden, weight, labels, bias, opts):
+    temp, cap = _legacy_scalars(opts.transform)
+    logp, entropy, lse = logprobs_fwd(hidden, weight, labels, bias, opts.ignore_index, temp, cap, opts.entropy)
+    stats = C.empty_logprobs_stats(hidden.shape[0], lse)
+    stats[C.LP_MAX], stats[C.LP_SUM], stats[C.LP_TARGET] = lse, 1.0, logp + lse
+    if opts.entropy:
+        stats[C.LP_ENT] = -entropy  # log s - t / s with s = 1
+    return stats, lse.new_empty(0)
+
+
+def _contract_logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, cache, opts, need_hidden,
+                           need_weight, need_bias):
+    temp, cap = _legacy_scalars(opts.transform)
+    return logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, opts.ignore_index, temp, cap,
+                        need_hidden, need_weight, need_bias)
+
+
+def _contract_divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts):
+    temp, s_cap = _legacy_scalars(opts.student)
+    _, t_cap = _legacy_scalars(opts.teacher)
+    div, saved = divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, None, s_bias, t_bias, opts.ignore_index,
+                                int(opts.kind), opts.beta, temp, s_cap, t_cap)
+    lse_s, lse_t, aux = saved.unbind(1)
+    stats = C.empty_divergence_stats(div.shape[0], div)
+    stats[C.DV_SMAX], stats[C.DV_SSUM], stats[C.DV_TMAX], stats[C.DV_TSUM] = lse_s, 1.0, lse_t, 1.0
+    if opts.kind == C.Kind.FORWARD_KL:
+        stats[C.DV_CROSS] = div + lse_t - lse_s
+    elif opts.kind == C.Kind.REVERSE_KL:
+        stats[C.DV_CROSS] = div + lse_s - lse_t
+    else:
+        stats[C.DV_KLS], stats[C.DV_KLT] = aux, (div - (1.0 - opts.beta) * aux) / opts.beta
+    return stats, div.new_empty(0)
+
+
+def _contract_divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, saved, cache, opts,
+                             need_hidden, need_weight, need_bias):
+    temp, s_cap = _legacy_scalars(opts.student)
+    _, t_cap = _legacy_scalars(opts.teacher)
+    return divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, None, s_bias, t_bias, saved,
+                          opts.ignore_index, int(opts.kind), opts.beta, temp, s_cap, t_cap, need_hidden, need_weight,
+                          need_bias)
+
+
+def _no_cache(n, vocab, dtype, opts) -> tuple[int, ...]:
+    return (0,)
+
+
+IMPL = SimpleNamespace(
+    logprobs_fwd=_contract_logprobs_fwd, logprobs_bwd=_contract_logprobs_bwd,
+    divergence_fwd=_contract_divergence_fwd, divergence_bwd=_contract_divergence_bwd,
+    logprobs_cache_shape=_no_cache, divergence_cache_shape=_no_cache,
 )

@@ -1,13 +1,8 @@
-"""Triton backend: registers the fused kernels of ``fastpref.kernels`` as ``fastpref::*_triton`` ops.
+"""Triton backend: the fused kernels of ``fastpref.kernels`` behind the contract of :mod:`.contract`.
 
-Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
-set before triton is imported; numerics only, slow).  float64 inputs are routed to the chunked
-torch backend (same contract, fp64 outputs): the kernels accumulate in fp32.
-
-Registered through ``register_backend_ops`` (``torch.library.custom_op`` + fake impls), not
-``torch.library.triton_op``: the launchers mix Triton kernels with library GEMMs and a Python
-chunk loop, and take optional tensors; as a custom op they are opaque to ``torch.compile``,
-which is all ``fullgraph=True`` needs.
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before triton is imported; numerics only, slow).  Dispatch sends float64 elsewhere (the kernels
+accumulate in fp32) and, through :func:`unsupported`, the options these kernels do not implement yet.
 """
 
 from __future__ import annotations
@@ -18,8 +13,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-
-from ._register import register_backend_ops
 
 try:
     import triton  # noqa: F401
@@ -46,60 +39,52 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"Triton kernels need a CUDA device, got {device.type!r}"
 
 
-def _fp64(*tensors: Optional[torch.Tensor]) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+def unsupported(op: str, opts, sharded: bool) -> Optional[str]:
+    """What these kernels cannot compute yet, or ``None``."""
+    if op == "logprobs" and opts.any_extra:
+        return "the Triton kernels do not compute log_sum_sq_probs / mean_logits / is_top1 yet"
+    if op == "divergence":
+        if opts.student.kernel_params()[0] != opts.teacher.kernel_params()[0]:
+            return "the Triton divergence kernels take one logit_scale / temperature for both heads"
+        if opts.entropy:
+            return "the Triton divergence kernels do not compute the student entropy yet"
+    return None
 
 
-def _torch():
-    from . import torch_backend
-
-    return torch_backend
-
-
-def _on_device(t):
+def _on_device(t: torch.Tensor):
     """Triton launches on the *current* CUDA device: make it the tensors' device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy):
-    impl = _torch() if _fp64(hidden, weight, bias) else _lp
+def _no_cache(n, vocab, dtype, opts) -> tuple[int, ...]:
+    return (0,)
+
+
+def logprobs_fwd(hidden, weight, labels, bias, opts):
     with _on_device(hidden):
-        return impl.logprobs_fwd(hidden, weight, labels, bias, ignore_index, temperature, softcap, with_entropy)
+        return _lp.logprobs_fwd(hidden, weight, labels, bias, opts)
 
 
-def logprobs_bwd(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
-                 temperature, softcap, need_hidden, need_weight, need_bias):
-    impl = _torch() if _fp64(hidden, weight, bias) else _lp
+def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, cache, opts, need_hidden,
+                 need_weight, need_bias):
     with _on_device(hidden):
-        return impl.logprobs_bwd(grad_logp, grad_entropy, hidden, weight, labels, bias, lse, entropy, ignore_index,
-                                 temperature, softcap, need_hidden, need_weight, need_bias)
+        return _lp.logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, cache, opts,
+                                need_hidden, need_weight, need_bias)
 
 
-def divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index, kind, beta,
-                   temperature, s_softcap, t_softcap):
-    fp64 = _fp64(s_hidden, s_weight, t_hidden, t_weight, s_bias, t_bias)
-    impl = _torch() if fp64 else _div
+def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts):
     with _on_device(s_hidden):
-        return impl.divergence_fwd(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, ignore_index,
-                                   kind, beta, temperature, s_softcap, t_softcap)
+        return _div.divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts)
 
 
-def divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats, ignore_index,
-                   kind, beta, temperature, s_softcap, t_softcap, need_hidden, need_weight, need_bias):
-    fp64 = _fp64(s_hidden, s_weight, t_hidden, t_weight, s_bias, t_bias)
-    impl = _torch() if fp64 else _div
+def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, saved, cache, opts, need_hidden,
+                   need_weight, need_bias):
     with _on_device(s_hidden):
-        return impl.divergence_bwd(grad, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, stats,
-                                   ignore_index, kind, beta, temperature, s_softcap, t_softcap, need_hidden,
-                                   need_weight, need_bias)
+        return _div.divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, saved, cache, opts,
+                                   need_hidden, need_weight, need_bias)
 
 
-register_backend_ops(
-    "triton",
-    SimpleNamespace(
-        logprobs_fwd=logprobs_fwd,
-        logprobs_bwd=logprobs_bwd,
-        divergence_fwd=divergence_fwd,
-        divergence_bwd=divergence_bwd,
-    ),
+IMPL = SimpleNamespace(
+    logprobs_fwd=logprobs_fwd, logprobs_bwd=logprobs_bwd, divergence_fwd=divergence_fwd,
+    divergence_bwd=divergence_bwd, logprobs_cache_shape=_no_cache, divergence_cache_shape=_no_cache,
 )
