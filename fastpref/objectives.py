@@ -587,8 +587,12 @@ def cpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths=None, *, 
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - e^x)`` for ``x < 0``, accurate on both sides of ``-log 2`` (Mächler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """``log(1 - e^x)`` for ``x < 0``, accurate on both sides of ``-log 2`` (Mächler 2012).  Each branch
+    only sees the inputs it serves, so the other's infinities never reach the gradient."""
+    near = x > -math.log(2.0)
+    safe = torch.full_like(x, -1.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, safe))),
+                       torch.log1p(-torch.exp(torch.where(near, safe, x))))
 
 
 def _orpo_odds_term(mw: torch.Tensor, ml: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

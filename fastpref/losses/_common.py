@@ -93,24 +93,28 @@ def check_sequences(hidden, weight, labels, bias, opts: Common, *, paired: bool)
     return labels
 
 
-def check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight) -> bool:
-    """The frozen reference head, if given, with the names the user passed.  Returns whether it is."""
+def check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, *, names=("ref_hidden", "ref_weight",
+                         "ref_bias"), of=("hidden", "weight")) -> bool:
+    """The frozen reference (or teacher) head, if given, checked with the names the user passed:
+    same device as ``hidden``, same vocabulary as ``weight``, same leading shape as ``hidden`` (the
+    hidden size and dtype may differ).  Returns whether it is given."""
+    h_name, w_name, b_name = names
     if ref_hidden is None and ref_weight is None:
         if ref_bias is not None:
-            raise ValueError("ref_bias: given without ref_hidden and ref_weight")
+            raise ValueError(f"{b_name}: given without {h_name} and {w_name}")
         return False
     if ref_hidden is None or ref_weight is None:
-        raise ValueError("ref_weight: ref_hidden and ref_weight must be given together")
-    V.check_head(ref_hidden, ref_weight, ref_bias, hidden_name="ref_hidden", weight_name="ref_weight",
-                 bias_name="ref_bias")
-    V.check_same_device(hidden, "hidden", ref_hidden, "ref_hidden")
+        raise ValueError(f"{w_name}: {h_name} and {w_name} must be given together")
+    V.check_float_tensor(ref_hidden, h_name)
+    V.check_same_device(hidden, of[0], ref_hidden, h_name)
+    V.check_head(ref_hidden, ref_weight, ref_bias, hidden_name=h_name, weight_name=w_name, bias_name=b_name)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
-            f"ref_weight: expected vocabulary V={weight.shape[0]} (that of weight), got shape {tuple(ref_weight.shape)}"
+            f"{w_name}: expected vocabulary V={weight.shape[0]} (that of {of[1]}), got shape {tuple(ref_weight.shape)}"
         )
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"ref_hidden: expected leading shape {tuple(hidden.shape[:-1])} (that of hidden), got "
+            f"{h_name}: expected leading shape {tuple(hidden.shape[:-1])} (that of {of[0]}), got "
             f"{tuple(ref_hidden.shape)}"
         )
     return True

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validate as V
 from ..primitives import linear_divergence, linear_logprobs
-from ._common import BACKENDS, REDUCTIONS, check_num_items, reduce_tokens
+from ._common import BACKENDS, REDUCTIONS, check_num_items, check_reference_head, reduce_tokens
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -58,6 +58,13 @@ def distill_loss(
     num_items_in_batch = check_num_items(num_items_in_batch)
     V.check_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                  weight_name="student_weight", bias_name="student_bias")
+    if teacher_hidden is None or teacher_weight is None:
+        raise TypeError("teacher_hidden: expected the teacher's hidden states and head (teacher_weight), got None")
+    check_reference_head(teacher_hidden, teacher_weight, teacher_bias, student_hidden, student_weight,
+                         names=("teacher_hidden", "teacher_weight", "teacher_bias"),
+                         of=("student_hidden", "student_weight"))
+    V.check_optional_positive(student_softcap, "student_softcap")
+    V.check_optional_positive(teacher_softcap, "teacher_softcap")
     if labels is not None:
         labels = V.check_labels(labels, student_hidden, student_weight.shape[0], ignore_index,
                                 hidden_name="student_hidden")

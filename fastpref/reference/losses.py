@@ -301,8 +301,8 @@ def orpo(hidden, weight, labels, bias=None, *, nll_labels=None, beta=0.1, nll_av
         if n[i] == 0 or n[P + i] == 0:  # an empty response: no odds-ratio term
             odds_term.append(pol.new_zeros(()))
             continue
-        pw, pl = torch.exp(pol[i] / n[i]), torch.exp(pol[P + i] / n[P + i])
-        odds_term.append(-_log_sigmoid(torch.log(pw / (1 - pw)) - torch.log(pl / (1 - pl))))
+        mw, ml = pol[i] / n[i], pol[P + i] / n[P + i]  # log odds = log p - log(1 - p), p = e^m
+        odds_term.append(-_log_sigmoid((mw - torch.log(-torch.expm1(mw))) - (ml - torch.log(-torch.expm1(ml)))))
     odds_term = torch.stack(odds_term) if P else pol[:0]
     if nll_labels is None:
         nll = _chosen_nll(pol, n, tok, mask, P, nll_average)
