@@ -373,3 +373,108 @@ def test_loss_bad_input(case, gen):
     _, exc, name, build = case
     fn, args, kw = build(make_batch(gen))
     _bad(exc, name, fn, *args, **kw)
+
+
+# ------------------------------------------------------------------ issue 9: values at the edges, conventions
+
+
+def test_orpo_certain_chosen_is_the_limit_with_finite_gradient():
+    """Mean log-prob exactly 0 (infinite odds): the odds term is its limit 0 and the gradient on ℓ_w is the
+    limit of the gradients at ℓ_w -> 0⁻ (checked against ℓ_w = -1e-9)."""
+    def grad_at(lw):
+        lw = torch.tensor([lw, -3.0], dtype=torch.float64, requires_grad=True)
+        out = fp.objectives.orpo(lw, torch.tensor([-2.0, -1.0], dtype=torch.float64), torch.tensor([3, 2]),
+                                 torch.tensor([2, 4]), beta=0.5, nll_average="sequence")
+        (g,) = torch.autograd.grad(out.sum(), lw)
+        return out.detach(), g
+    at0, g0 = grad_at(0.0)
+    near, g_near = grad_at(-1e-9)
+    assert torch.isfinite(g0).all()
+    torch.testing.assert_close(at0, near, rtol=0, atol=1e-8)
+    torch.testing.assert_close(g0, g_near, rtol=1e-6, atol=0)
+
+
+def test_orpo_empty_response_has_no_odds_term(gen):
+    bt = make_batch(gen)
+    labels = bt["labels"].clone()
+    labels[P] = -100  # the first pair's rejected response is empty
+    loss = fp.orpo_loss(bt["hidden"], bt["weight"], labels, beta=0.3, reduction="none", nll_average="sequence")
+    plain = fp.orpo_loss(bt["hidden"], bt["weight"], labels, beta=1e-12, reduction="none", nll_average="sequence")
+    torch.testing.assert_close(loss[0], plain[0])  # the NLL alone
+    assert (loss[1:] - plain[1:]).abs().min() > 1e-3  # the other pairs keep theirs
+
+
+def test_discopop_in_float32_below_exp_overflow():
+    """β·Δ < -88.7 overflowed e^{-x} in float32 (inf · 0 = NaN); the value is the float64 one."""
+    for x in (-100.0, -1e3, -3e4):
+        got = fp.objectives.dpo(torch.tensor([x]), torch.tensor([0.0]), beta=1.0, loss_type="discopop")
+        want = fp.objectives.dpo(torch.tensor([x], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                                 beta=1.0, loss_type="discopop")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_rpo_nll_metric_uses_plain_logps_with_ld_alpha(gen):
+    bt = make_batch(gen)
+    _, m = fp.dpo_loss(bt["hidden"], bt["weight"], bt["labels"], bt["bias"], **REF(bt), rpo_alpha=0.5, ld_alpha=0.2,
+                       return_metrics=True)
+    tok, mask = oracle.token_logps(bt["hidden"], bt["weight"], bt["labels"], bt["bias"])
+    torch.testing.assert_close(m["nll"], -tok[:P].sum() / mask[:P].sum())
+
+
+def test_wpo_weights_are_unbounded_by_default(gen):
+    """TRL 1.16 no longer clamps the WPO weights at 1; wpo_max=1 restores the clamp."""
+    bt = make_batch(gen)
+    h = bt["hidden"] * 0.05  # near-uniform policy: log p(y) - log Σp² ≈ 0, so weights ≈ 1 and some exceed 1
+    kw = dict(ref_hidden=bt["ref_hidden"], ref_weight=bt["ref_weight"], use_weighting=True, reduction="none")
+    plain = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], ref_hidden=bt["ref_hidden"],
+                        ref_weight=bt["ref_weight"], reduction="none")
+    w = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], **kw) / plain
+    clamped = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], wpo_max=1.0, **kw) / plain
+    assert (w > 1).any()
+    torch.testing.assert_close(clamped, w.clamp(max=1.0))
+
+
+def test_kto_reference_point_conventions(gen):
+    """No KL completions: z₀ = 0 (TRL, Liger); batch_kl=True: the clamped batch mean of ρ."""
+    bt = make_batch(gen)
+    des = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    _, m0 = fp.kto_loss(bt["hidden"], bt["weight"], bt["labels"], desirable=des, **REF(bt), return_metrics=True)
+    _, m1 = fp.kto_loss(bt["hidden"], bt["weight"], bt["labels"], desirable=des, **REF(bt), batch_kl=True,
+                        return_metrics=True)
+    assert m0["kl"] == 0
+    torch.testing.assert_close(m1["kl"], (m1["rewards"] / 0.1).mean().clamp(min=0))
+
+
+PAIRED_KEYS = {"chosen_logps": (P,), "rejected_logps": (P,), "chosen_rewards": (P,), "rejected_rewards": (P,),
+               "reward_margin": (), "reward_accuracy": (), "preference_loss": ()}
+SCHEMA = {
+    "dpo": (fp.dpo_loss, lambda bt: dict(rpo_alpha=0.3, **REF(bt)), {**PAIRED_KEYS, "nll": ()}),
+    "simpo": (fp.simpo_loss, lambda bt: dict(nll_weight=0.3), {**PAIRED_KEYS, "nll": ()}),
+    "cpo": (fp.cpo_loss, lambda bt: dict(), {**PAIRED_KEYS, "nll": ()}),
+    "orpo": (fp.orpo_loss, lambda bt: dict(), {**PAIRED_KEYS, "nll": ()}),
+    "pmle": (fp.pmle_loss, lambda bt: dict(gamma=0.5, beta=0.1, **REF(bt)), {**PAIRED_KEYS, "kl": ()}),
+    "pref-distill": (fp.preference_distillation_loss, lambda bt: dict(
+        gamma=0.5, target_prob=torch.full((P,), 0.3, dtype=torch.float64)), PAIRED_KEYS),
+    "kto": (fp.kto_loss, lambda bt: dict(desirable=torch.arange(B) % 2 == 0, **REF(bt)),
+            {"logps": (B,), "rewards": (B,), "reward_margin": (), "kl": ()}),
+    "npo": (fp.npo_loss, lambda bt: dict(**REF(bt)), {"logps": (B,), "rewards": (B,)}),
+    "rkl": (fp.reverse_kl_loss, lambda bt: dict(rewards=_rewards(bt), beta=0.1, gamma=0.1, num_samples_per_prompt=2,
+                                                **REF(bt)),
+            {"logps": (B,), "score": (), "entropy": (), "kl": (), "objective": ()}),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMA))
+def test_metrics_follow_the_one_schema(name, gen):
+    """Same keys for the same quantities across losses (the table in fastpref/losses/_common.py), with the
+    documented shapes, detached."""
+    fn, kw, keys = SCHEMA[name]
+    bt = make_batch(gen)
+    h = bt["hidden"].clone().requires_grad_()
+    _, m = fn(h, bt["weight"], bt["labels"], bt["bias"], return_metrics=True, **kw(bt))
+    assert {k: tuple(v.shape) for k, v in m.items()} == keys
+    assert not any(v.requires_grad for v in m.values())
+    import fastpref.losses._common as common
+    for k in m:
+        assert f"\n{k} " in common.__doc__, f"{k} is not in the documented schema"
