@@ -170,7 +170,7 @@ def f_divergence_score(rho: torch.Tensor, f_divergence: str = "reverse_kl", alph
 # ----------------------------------------------------------------------------- DPO family
 
 
-class DPOOptions(NamedTuple):
+class _DPOOptions(NamedTuple):
     beta: float
     loss_types: tuple
     loss_weights: tuple
@@ -181,7 +181,7 @@ class DPOOptions(NamedTuple):
 
 
 def _dpo_options(*, beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha,
-                 discopop_tau) -> DPOOptions:
+                 discopop_tau) -> _DPOOptions:
     beta = V.check_positive(beta, "beta")
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -212,10 +212,10 @@ def _dpo_options(*, beta, loss_type, loss_weights, label_smoothing, f_divergence
                 f"(the others have no f-divergence generalisation), got loss_type {bad}"
             )
     tau = V.check_positive(discopop_tau, "discopop_tau")
-    return DPOOptions(beta, types, weights, eps, f_divergence, f_alpha, tau)
+    return _DPOOptions(beta, types, weights, eps, f_divergence, f_alpha, tau)
 
 
-def _dpo_one(loss_type, o: DPOOptions, rho_w, rho_l, s_w, s_l, lw, ll, rw, rl, n_w, n_l, sft):
+def _dpo_one(loss_type, o: _DPOOptions, rho_w, rho_l, s_w, s_l, lw, ll, rw, rl, n_w, n_l, sft):
     beta, eps = o.beta, o.label_smoothing
     x = beta * (s_w - s_l)
     if loss_type == "sigmoid":
@@ -253,7 +253,7 @@ def _dpo_one(loss_type, o: DPOOptions, rho_w, rho_l, s_w, s_l, lw, ll, rw, rl, n
     return sft
 
 
-def _dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, o: DPOOptions, *,
+def _dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, o: _DPOOptions, *,
          chosen_lengths=None, rejected_lengths=None, sft_logps=None) -> torch.Tensor:
     rw = torch.zeros_like(chosen_logps) if ref_chosen_logps is None else ref_chosen_logps.to(chosen_logps.dtype)
     rl = torch.zeros_like(rejected_logps) if ref_rejected_logps is None else ref_rejected_logps.to(chosen_logps.dtype)
@@ -474,7 +474,7 @@ def sampled_kl(logps: torch.Tensor, ref_logps: torch.Tensor, *, num_samples_per_
 # ----------------------------------------------------------------------------- SimPO, CPO, ORPO
 
 
-class SimPOOptions(NamedTuple):
+class _SimPOOptions(NamedTuple):
     beta: float
     gamma_margin: float
     label_smoothing: float
@@ -482,12 +482,12 @@ class SimPOOptions(NamedTuple):
     nll_average: str
 
 
-def _simpo_options(*, beta, gamma_margin, label_smoothing, nll_weight, nll_average) -> SimPOOptions:
-    return SimPOOptions(V.check_positive(beta, "beta"), V.check_finite(gamma_margin, "gamma_margin"),
+def _simpo_options(*, beta, gamma_margin, label_smoothing, nll_weight, nll_average) -> _SimPOOptions:
+    return _SimPOOptions(V.check_positive(beta, "beta"), V.check_finite(gamma_margin, "gamma_margin"),
                         _smoothing(label_smoothing), _nonneg(nll_weight, "nll_weight"), _nll_average(nll_average))
 
 
-def _simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: SimPOOptions, nll_logps=None):
+def _simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: _SimPOOptions, nll_logps=None):
     x = o.beta * (_per_token(chosen_logps, chosen_lengths) - _per_token(rejected_logps, rejected_lengths))
     losses = _smoothed(x - o.gamma_margin, o.label_smoothing)
     if o.nll_weight:
@@ -507,7 +507,7 @@ def simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, bet
     return _simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o)
 
 
-class CPOOptions(NamedTuple):
+class _CPOOptions(NamedTuple):
     beta: float
     loss_type: str
     label_smoothing: float
@@ -518,7 +518,7 @@ class CPOOptions(NamedTuple):
 
 
 def _cpo_options(*, beta, loss_type, label_smoothing, simpo_gamma, alphapo_alpha, cpo_alpha,
-                 nll_average) -> CPOOptions:
+                 nll_average) -> _CPOOptions:
     beta = V.check_positive(beta, "beta")
     V.check_choice(loss_type, "loss_type", CPO_LOSS_TYPES)
     eps = _smoothing(label_smoothing)
@@ -527,11 +527,11 @@ def _cpo_options(*, beta, loss_type, label_smoothing, simpo_gamma, alphapo_alpha
     if cpo_alpha is None:  # TRL: loss_type="alphapo" is SimPO with AlphaPO rewards and no NLL term
         cpo_alpha = 0.0 if loss_type == "alphapo" else 1.0
     cpo_alpha = _nonneg(cpo_alpha, "cpo_alpha")
-    return CPOOptions(beta, "simpo" if loss_type == "alphapo" else loss_type, eps, gamma, a, cpo_alpha,
+    return _CPOOptions(beta, "simpo" if loss_type == "alphapo" else loss_type, eps, gamma, a, cpo_alpha,
                       _nll_average(nll_average))
 
 
-def _cpo_rewards(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: CPOOptions):
+def _cpo_rewards(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: _CPOOptions):
     """The per-response rewards ``r`` whose difference CPO scores (before β)."""
     if o.loss_type in ("ipo", "simpo"):
         chosen_logps, rejected_logps = (_per_token(chosen_logps, chosen_lengths),
@@ -542,7 +542,7 @@ def _cpo_rewards(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
     return -torch.expm1(-a * chosen_logps) / a, -torch.expm1(-a * rejected_logps) / a
 
 
-def _cpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: CPOOptions, nll_logps=None):
+def _cpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o: _CPOOptions, nll_logps=None):
     rw, rl = _cpo_rewards(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, o)
     d = rw - rl
     if o.loss_type == "sigmoid":
@@ -640,7 +640,7 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta
 # ----------------------------------------------------------------------------- KTO, NPO
 
 
-class KTOOptions(NamedTuple):
+class _KTOOptions(NamedTuple):
     beta: float
     loss_type: str
     desirable_weight: float
@@ -648,7 +648,7 @@ class KTOOptions(NamedTuple):
     batch_kl: bool
 
 
-def _kto_options(*, beta, loss_type, desirable_weight, undesirable_weight, batch_kl) -> KTOOptions:
+def _kto_options(*, beta, loss_type, desirable_weight, undesirable_weight, batch_kl) -> _KTOOptions:
     beta = V.check_positive(beta, "beta")
     V.check_choice(loss_type, "loss_type", KTO_LOSS_TYPES)
     lam_d = _nonneg(desirable_weight, "desirable_weight")
@@ -657,10 +657,10 @@ def _kto_options(*, beta, loss_type, desirable_weight, undesirable_weight, batch
         raise TypeError(f"batch_kl: expected a bool, got {type(batch_kl).__name__}")
     if batch_kl and loss_type != "kto":
         raise ValueError(f"batch_kl: loss_type={loss_type!r} has no reference point")
-    return KTOOptions(beta, loss_type, lam_d, lam_u, batch_kl)
+    return _KTOOptions(beta, loss_type, lam_d, lam_u, batch_kl)
 
 
-def _kto_reference_point(rho, kl_logps, ref_kl_logps, o: KTOOptions) -> torch.Tensor:
+def _kto_reference_point(rho, kl_logps, ref_kl_logps, o: _KTOOptions) -> torch.Tensor:
     if o.loss_type != "kto":
         return rho.new_zeros(())
     if kl_logps is not None:
@@ -672,7 +672,7 @@ def _kto_reference_point(rho, kl_logps, ref_kl_logps, o: KTOOptions) -> torch.Te
     return _mean0(src.detach()).clamp(min=0)
 
 
-def _kto(logps, ref_logps, desirable, o: KTOOptions, kl_logps=None, ref_kl_logps=None):
+def _kto(logps, ref_logps, desirable, o: _KTOOptions, kl_logps=None, ref_kl_logps=None):
     rho = logps - ref_logps.to(logps.dtype)
     z0 = _kto_reference_point(rho, kl_logps, ref_kl_logps, o)
     if o.loss_type == "kto":
@@ -682,7 +682,7 @@ def _kto(logps, ref_logps, desirable, o: KTOOptions, kl_logps=None, ref_kl_logps
     return torch.where(desirable.to(torch.bool), o.desirable_weight * good, o.undesirable_weight * bad), z0
 
 
-def _check_kto_kl(kl_logps, ref_kl_logps, like, o: KTOOptions) -> None:
+def _check_kto_kl(kl_logps, ref_kl_logps, like, o: _KTOOptions) -> None:
     if (kl_logps is None) != (ref_kl_logps is None):
         raise ValueError("ref_kl_logps: kl_logps and ref_kl_logps must be given together")
     if kl_logps is None:
