@@ -56,12 +56,13 @@ def _vector(x: object, name: str, *, n: Optional[int] = None, like: Optional[tor
         raise TypeError(f"{name}: expected an integer or floating dtype (token counts), got {x.dtype}")
     if kind == "flag" and (x.dtype.is_floating_point or x.dtype.is_complex):
         raise TypeError(f"{name}: expected a bool (or integer 0/1) dtype, got {x.dtype}")
-    if n is None and like is not None and not any_length:
-        n = like.shape[0]
     of = f" (that of {like_name})" if like_name else ""
+    shape_of = ""
+    if n is None and like is not None and not any_length:
+        n, shape_of = like.shape[0], of
     if x.dim() != 1 or (n is not None and x.shape[0] != n):
         want = f"({n},)" if n is not None else "(N,)"
-        raise ValueError(f"{name}: expected shape {want}{of}, got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape {want}{shape_of}, got {tuple(x.shape)}")
     if like is not None and x.device != like.device:
         raise ValueError(f"{name}: expected device {like.device}{of}, got {x.device}")
     return x
@@ -164,7 +165,7 @@ def f_divergence_score(rho: torch.Tensor, f_divergence: str = "reverse_kl", alph
     if not isinstance(rho, torch.Tensor):
         raise TypeError(f"rho: expected a torch.Tensor, got {type(rho).__name__}")
     V.check_choice(f_divergence, "f_divergence", F_DIVERGENCES)
-    return _f_score(rho, f_divergence, V.check_finite(alpha, "f_alpha"))
+    return _f_score(rho, f_divergence, V.check_finite(alpha, "alpha"))
 
 
 # ----------------------------------------------------------------------------- DPO family
@@ -347,7 +348,8 @@ def pmle(logps_a: torch.Tensor, logps_b: torch.Tensor, *, gamma: float) -> torch
     return _pmle(logps_a, logps_b, gamma)
 
 
-def _preference_targets(n: int, like: torch.Tensor, reward_a, reward_b, target_prob) -> None:
+def _preference_targets(n: int, like: torch.Tensor, reward_a, reward_b, target_prob, like_name="logps_a") -> None:
+    """Exactly one target source, each ``(n,)`` (one per pair) on ``like``'s device."""
     have_rewards = reward_a is not None or reward_b is not None
     if have_rewards == (target_prob is not None):
         raise ValueError("target_prob: give exactly one of (reward_a and reward_b) or target_prob")
@@ -355,7 +357,7 @@ def _preference_targets(n: int, like: torch.Tensor, reward_a, reward_b, target_p
         raise ValueError("reward_b: reward_a and reward_b must be given together")
     for t, name in ((reward_a, "reward_a"), (reward_b, "reward_b"), (target_prob, "target_prob")):
         if t is not None:
-            _vector(t, name, n=n, like=like, like_name="one per pair")
+            _vector(t, name, n=n, like=like, like_name=like_name)
 
 
 def _preference_distillation(logps_a, logps_b, gamma, reward_a, reward_b, target_prob):

@@ -182,7 +182,7 @@ def preference_distillation_loss(
     labels, gamma, beta, have_head = _paired(hidden, weight, labels, bias, gamma=gamma, beta=beta,
                                              kl_estimator=kl_estimator, opts=opts, **ref)
     half = hidden.shape[0] // 2
-    objectives._preference_targets(half, hidden, reward_a, reward_b, target_prob)
+    objectives._preference_targets(half, hidden, reward_a, reward_b, target_prob, like_name="hidden")
     pol = sequence_logps(hidden, weight, labels, bias, opts)
     data = objectives._preference_distillation(pol.logps[:half], pol.logps[half:], gamma, reward_a, reward_b,
                                                target_prob)
