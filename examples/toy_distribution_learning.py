@@ -110,7 +110,7 @@ def run_one(seed, n, steps=300, lr=0.05, methods=METHODS):
 
     def exact_policy_gradient(beta, gamma):
         def loss(th):
-            per = fp.reverse_kl_loss(all_h, th, all_y, reward[all_ctx, all_tok], beta=beta, gamma=gamma,
+            per = fp.reverse_kl_loss(all_h, th, all_y, rewards=reward[all_ctx, all_tok], beta=beta, gamma=gamma,
                                      num_samples_per_prompt=1, ref_logps=ref_logps if beta else None,
                                      reduction="none")
             pi = torch.softmax(th.T, -1).detach()[all_ctx, all_tok]

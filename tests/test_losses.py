@@ -48,7 +48,13 @@ REF = lambda bt: dict(ref_hidden=bt["ref_hidden"], ref_weight=bt["ref_weight"]) 
 # id -> (fast function, oracle function, kwargs builder, call style)
 CASES = {}
 for lt in fp.objectives.DPO_LOSS_TYPES:
-    CASES[f"dpo-{lt}"] = (fp.dpo_loss, oracle.dpo, lambda bt, lt=lt: dict(loss_type=lt, beta=0.2, **REF(bt)), "paired")
+    CASES[f"dpo-{lt}"] = (fp.dpo_loss, oracle.dpo, lambda bt, lt=lt: dict(
+        loss_type=lt, beta=0.2, label_smoothing=0.01 if lt == "exo_pair" else 0.0, **REF(bt)), "paired")
+for lt in ("ipo", "sigmoid_norm", "hinge", "exo_pair", "robust", "discopop", "sft"):
+    for fdiv, alpha in (("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3)):
+        CASES[f"dpo-{lt}-{fdiv}"] = (fp.dpo_loss, oracle.dpo, lambda bt, lt=lt, fdiv=fdiv, alpha=alpha: dict(
+            loss_type=lt, f_divergence=fdiv, f_alpha=alpha, label_smoothing=0.1 if lt in ("exo_pair", "robust") else 0.0,
+            **REF(bt)), "paired")
 CASES.update({
     "dpo-precomputed-ref": (fp.dpo_loss, oracle.dpo, lambda bt: dict(
         ref_chosen_logps=_pre(bt)[:P], ref_rejected_logps=_pre(bt)[P:]), "paired"),
@@ -57,8 +63,14 @@ CASES.update({
     "dpo-fdpo-forward_kl": (fp.dpo_loss, oracle.dpo, lambda bt: dict(f_divergence="forward_kl", **REF(bt)), "paired"),
     "dpo-fdpo-js": (fp.dpo_loss, oracle.dpo, lambda bt: dict(f_divergence="js_divergence", **REF(bt)), "paired"),
     "dpo-fdpo-alpha0.3": (fp.dpo_loss, oracle.dpo, lambda bt: dict(f_divergence="alpha_divergence", f_alpha=0.3, **REF(bt)), "paired"),
+    "dpo-fdpo-alpha1.7": (fp.dpo_loss, oracle.dpo, lambda bt: dict(f_divergence="alpha_divergence", f_alpha=1.7, **REF(bt)), "paired"),
+    "dpo-list-mpo": (fp.dpo_loss, oracle.dpo, lambda bt: dict(loss_type=["sigmoid", "bco_pair", "sft"],
+                                                              loss_weights=[0.8, 0.2, 1.0], **REF(bt)), "paired"),
     "dpo-rpo0.5-softcap": (fp.dpo_loss, oracle.dpo, lambda bt: dict(rpo_alpha=0.5, softcap=3.0, **REF(bt)), "paired"),
+    "dpo-rpo0.5-ld0.4": (fp.dpo_loss, oracle.dpo, lambda bt: dict(rpo_alpha=0.5, ld_alpha=0.4, **REF(bt)), "paired"),
     "dpo-wpo": (fp.dpo_loss, oracle.dpo, lambda bt: dict(use_weighting=True, temperature=1.3, **REF(bt)), "paired"),
+    "dpo-wpo-softcap": (fp.dpo_loss, oracle.dpo, lambda bt: dict(use_weighting=True, temperature=0.9, softcap=3.0, **REF(bt)), "paired"),
+    "dpo-wpo-max1-rpo": (fp.dpo_loss, oracle.dpo, lambda bt: dict(use_weighting=True, wpo_max=1.0, rpo_alpha=0.3, **REF(bt)), "paired"),
     "dpo-ld0.4": (fp.dpo_loss, oracle.dpo, lambda bt: dict(ld_alpha=0.4, **REF(bt)), "paired"),
     "dpo-reference-free": (fp.dpo_loss, oracle.dpo, lambda bt: dict(reference_free=True), "paired"),
     "pmle": (fp.pmle_loss, oracle.pmle, lambda bt: dict(gamma=0.5), "paired"),
@@ -71,44 +83,65 @@ CASES.update({
     "pref-distill-target-kl-sampled": (fp.preference_distillation_loss, oracle.preference_distillation, lambda bt: dict(
         gamma=0.1, target_prob=torch.rand(P, generator=bt["g"], dtype=torch.float64), beta=0.05, **REF(bt)), "paired"),
     "rkl-k2-sampled": (fp.reverse_kl_loss, oracle.reverse_kl, lambda bt: dict(
-        rewards=_rewards(bt), beta=0.05, gamma=0.01, num_samples_per_prompt=2, ref_logps=_pre(bt)), "rkl"),
+        rewards=_rewards(bt), beta=0.05, gamma=0.01, num_samples_per_prompt=2, ref_logps=_pre(bt)), "paired"),
     "rkl-k3-token-exact": (fp.reverse_kl_loss, oracle.reverse_kl, lambda bt: dict(
         rewards=_rewards(bt), beta=0.05, gamma=0.01, num_samples_per_prompt=3, entropy="token_exact",
-        kl_estimator="token_exact", **REF(bt)), "rkl"),
+        kl_estimator="token_exact", **REF(bt)), "paired"),
     "rkl-k3-ppo-clip": (fp.reverse_kl_loss, oracle.reverse_kl, lambda bt: dict(
         rewards=_rewards(bt), beta=0.1, gamma=0.02, num_samples_per_prompt=3, **REF(bt),
-        old_logps=_pre(bt) + 0.3 * torch.randn(B, generator=bt["g"], dtype=torch.float64), clip_eps=0.2), "rkl"),
+        old_logps=_pre(bt) + 0.3 * torch.randn(B, generator=bt["g"], dtype=torch.float64), clip_eps=0.2), "paired"),
     "policy-kl-sampled-k2": (fp.policy_kl_loss, oracle.policy_kl, lambda bt: dict(
-        estimator="sampled", num_samples_per_prompt=2, **REF(bt)), "unpaired-nobias"),
+        estimator="sampled", num_samples_per_prompt=2, **REF(bt)), "paired"),
     "policy-kl-token-exact": (fp.policy_kl_loss, oracle.policy_kl, lambda bt: dict(estimator="token_exact", **REF(bt)),
-                              "unpaired-nobias"),
+                              "paired"),
     "simpo": (fp.simpo_loss, oracle.simpo, lambda bt: dict(beta=2.0, gamma_margin=0.5), "paired"),
     "simpo-ls0.1": (fp.simpo_loss, oracle.simpo, lambda bt: dict(label_smoothing=0.1), "paired"),
-    "cpo": (fp.cpo_loss, oracle.cpo, lambda bt: dict(beta=0.2, alpha=0.7), "paired"),
+    "simpo-nll0.7": (fp.simpo_loss, oracle.simpo, lambda bt: dict(nll_weight=0.7), "paired"),
+    "simpo-nll0.7-sequence": (fp.simpo_loss, oracle.simpo, lambda bt: dict(nll_weight=0.7, nll_average="sequence"), "paired"),
+    "cpo": (fp.cpo_loss, oracle.cpo, lambda bt: dict(beta=0.2, cpo_alpha=0.7), "paired"),
+    "cpo-sequence-nll": (fp.cpo_loss, oracle.cpo, lambda bt: dict(beta=0.2, cpo_alpha=0.7, nll_average="sequence"), "paired"),
+    "cpo-hinge-ls": (fp.cpo_loss, oracle.cpo, lambda bt: dict(loss_type="hinge", beta=0.05), "paired"),
+    "cpo-ipo": (fp.cpo_loss, oracle.cpo, lambda bt: dict(loss_type="ipo", beta=0.5), "paired"),
+    "cpo-simpo": (fp.cpo_loss, oracle.cpo, lambda bt: dict(loss_type="simpo", beta=2.0, simpo_gamma=0.7,
+                                                          label_smoothing=0.1), "paired"),
+    "cpo-alphapo": (fp.cpo_loss, oracle.cpo, lambda bt: dict(loss_type="alphapo", beta=2.0, alphapo_alpha=0.25), "paired"),
+    "cpo-sigmoid-alphapo-nll": (fp.cpo_loss, oracle.cpo, lambda bt: dict(beta=0.1, alphapo_alpha=-0.01), "paired"),
     "orpo": (fp.orpo_loss, oracle.orpo, lambda bt: dict(beta=0.3), "paired"),
-    "kto-batch-z0": (fp.kto_loss, oracle.kto, lambda bt: dict(
-        desirable=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), desirable_weight=1.3, **REF(bt)), "unpaired"),
+    "orpo-sequence": (fp.orpo_loss, oracle.orpo, lambda bt: dict(beta=0.3, nll_average="sequence"), "paired"),
+    "orpo-nll-labels": (fp.orpo_loss, oracle.orpo, lambda bt: dict(beta=0.3, nll_labels=_with_prompt(bt)), "paired"),
+    "kto-no-kl": (fp.kto_loss, oracle.kto, lambda bt: dict(
+        desirable=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), desirable_weight=1.3, **REF(bt)), "paired"),
+    "kto-batch-kl": (fp.kto_loss, oracle.kto, lambda bt: dict(
+        desirable=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool), batch_kl=True, beta=0.5, **REF(bt)), "paired"),
     "kto-kl-logps": (fp.kto_loss, oracle.kto, lambda bt: dict(
         desirable=torch.tensor([0, 0, 1, 1, 0, 1], dtype=torch.bool), ref_logps=_pre(bt),
-        kl_logps=_pre(bt) + 2.0, ref_kl_logps=_pre(bt)), "unpaired"),
-    "npo": (fp.npo_loss, oracle.npo, lambda bt: dict(beta=0.5, **REF(bt)), "unpaired"),
-    "nll": (fp.nll_loss, oracle.nll, lambda bt: dict(temperature=0.9), "unpaired"),
+        kl_logps=_pre(bt)[:4] + 2.0, ref_kl_logps=_pre(bt)[:4]), "paired"),
+    "kto-apo-zero-unpaired": (fp.kto_loss, oracle.kto, lambda bt: dict(
+        desirable=torch.tensor([1, 1, 0, 1, 0, 0]), loss_type="apo_zero_unpaired", undesirable_weight=0.6, **REF(bt)),
+        "paired"),
+    "npo": (fp.npo_loss, oracle.npo, lambda bt: dict(beta=0.5, **REF(bt)), "paired"),
+    "nll": (fp.nll_loss, oracle.nll, lambda bt: dict(temperature=0.9), "paired"),
 })
 for kind in ("forward_kl", "reverse_kl", "jsd"):
     CASES[f"distill-{kind}"] = (fp.distill_loss, oracle.distill, lambda bt, k=kind: dict(kind=k, beta=0.3, temperature=1.5), "distill")
 CASES["distill-jsd-hard0.5"] = (fp.distill_loss, oracle.distill, lambda bt: dict(kind="jsd", hard_weight=0.5, soft_weight=0.7), "distill")
+CASES["distill-no-labels-softcap"] = (fp.distill_loss, oracle.distill, lambda bt: dict(
+    kind="reverse_kl", student_softcap=2.0, teacher_softcap=3.0, no_labels=True), "distill")
+
+
+def _with_prompt(bt):
+    """NLL labels of the chosen half that also score the 2-token prompt (TRL's ORPO convention)."""
+    y = bt["labels"][:P].clone()
+    y[:, :2] = torch.randint(0, V, (P, 2), generator=bt["g"])
+    return y
 
 
 def _call(style, fn, bt, kw, leaves, **extra):
     h, w, b = leaves
     kw = dict(kw)
-    if style == "rkl":
-        rewards = kw.pop("rewards")
-        return fn(h, w, bt["labels"], rewards, bias=b, **kw, **extra)
-    if style == "unpaired-nobias":
-        return fn(h, w, bt["labels"], bias=b, **kw, **extra)
     if style == "distill":
-        return fn(h, w, kw.pop("teacher_hidden", bt["ref_hidden"]), bt["ref_weight"], bt["labels"], student_bias=b,
+        labels = None if kw.pop("no_labels", False) else bt["labels"]
+        return fn(h, w, kw.pop("teacher_hidden", bt["ref_hidden"]), bt["ref_weight"], labels, student_bias=b,
                   **kw, **extra)
     return fn(h, w, bt["labels"], b, **kw, **extra)
 
@@ -146,7 +179,7 @@ def test_loss_matches_oracle_fp64(case, gen):
 
 
 RULE_CASES = ["dpo-sigmoid", "dpo-ipo", "pmle-kl-token-exact", "pref-distill-rewards", "rkl-k3-token-exact",
-              "simpo", "orpo", "kto-batch-z0", "distill-jsd", "distill-jsd-hard0.5"]
+              "simpo", "orpo", "kto-batch-kl", "cpo-alphapo", "dpo-list-mpo", "distill-jsd", "distill-jsd-hard0.5"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -208,7 +241,7 @@ def test_reverse_kl_optimum_has_zero_expected_gradient(entropy, gen):
 
     def expected_grad(logits):
         w = logits.clone().view(n_tok, 1).requires_grad_()
-        per_sample = fp.reverse_kl_loss(hidden, w, labels, reward, beta=beta, gamma=gamma, num_samples_per_prompt=1,
+        per_sample = fp.reverse_kl_loss(hidden, w, labels, rewards=reward, beta=beta, gamma=gamma, num_samples_per_prompt=1,
                                         ref_logps=log_pi0, entropy=entropy, reduction="none")
         pi = torch.softmax(logits, 0).detach()
         (pi * per_sample).sum().backward()
@@ -320,12 +353,12 @@ BAD = [
                                                                dict(gamma=0.1, target_prob=torch.rand(B, dtype=torch.float64)))),
     ("pmle-kl-no-ref", ValueError, "ref_hidden", lambda bt: (fp.pmle_loss, (bt["hidden"], bt["weight"], bt["labels"]),
                                                              dict(gamma=0.1, beta=0.1))),
-    ("rkl-k", ValueError, "num_samples_per_prompt", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"], torch.zeros(B)),
-                                                                dict(beta=0.0, gamma=0.01, num_samples_per_prompt=4))),
-    ("rkl-rewards-shape", ValueError, "rewards", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"], torch.zeros(P)),
-                                                             dict(beta=0.0, gamma=0.01, num_samples_per_prompt=1))),
-    ("rkl-no-ref", ValueError, "ref_logps", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"], torch.zeros(B)),
-                                                        dict(beta=0.1, gamma=0.01, num_samples_per_prompt=2))),
+    ("rkl-k", ValueError, "num_samples_per_prompt", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"]),
+                                                                dict(rewards=torch.zeros(B, dtype=torch.float64), beta=0.0, gamma=0.01, num_samples_per_prompt=4))),
+    ("rkl-rewards-shape", ValueError, "rewards", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"]),
+                                                             dict(rewards=torch.zeros(P, dtype=torch.float64), beta=0.0, gamma=0.01, num_samples_per_prompt=1))),
+    ("rkl-no-ref", ValueError, "ref_logps", lambda bt: (fp.reverse_kl_loss, (bt["hidden"], bt["weight"], bt["labels"]),
+                                                        dict(rewards=torch.zeros(B, dtype=torch.float64), beta=0.1, gamma=0.01, num_samples_per_prompt=2))),
     ("kto-desirable-shape", ValueError, "desirable", lambda bt: (fp.kto_loss, (bt["hidden"], bt["weight"], bt["labels"]),
                                                                  dict(desirable=torch.ones(P, dtype=torch.bool), **REF(bt)))),
     ("distill-kind", ValueError, "kind", lambda bt: (fp.distill_loss, (bt["hidden"], bt["weight"], bt["ref_hidden"], bt["ref_weight"], bt["labels"]),
@@ -341,3 +374,108 @@ def test_loss_bad_input(case, gen):
     _, exc, name, build = case
     fn, args, kw = build(make_batch(gen))
     _bad(exc, name, fn, *args, **kw)
+
+
+# ------------------------------------------------------------------ issue 9: values at the edges, conventions
+
+
+def test_orpo_certain_chosen_is_the_limit_with_finite_gradient():
+    """Mean log-prob exactly 0 (infinite odds): the odds term is its limit 0 and the gradient on ℓ_w is the
+    limit of the gradients at ℓ_w -> 0⁻ (checked against ℓ_w = -1e-9)."""
+    def grad_at(lw):
+        lw = torch.tensor([lw, -3.0], dtype=torch.float64, requires_grad=True)
+        out = fp.objectives.orpo(lw, torch.tensor([-2.0, -1.0], dtype=torch.float64), torch.tensor([3, 2]),
+                                 torch.tensor([2, 4]), beta=0.5, nll_average="sequence")
+        (g,) = torch.autograd.grad(out.sum(), lw)
+        return out.detach(), g
+    at0, g0 = grad_at(0.0)
+    near, g_near = grad_at(-1e-9)
+    assert torch.isfinite(g0).all()
+    torch.testing.assert_close(at0, near, rtol=0, atol=1e-8)
+    torch.testing.assert_close(g0, g_near, rtol=1e-6, atol=0)
+
+
+def test_orpo_empty_response_has_no_odds_term(gen):
+    bt = make_batch(gen)
+    labels = bt["labels"].clone()
+    labels[P] = -100  # the first pair's rejected response is empty
+    loss = fp.orpo_loss(bt["hidden"], bt["weight"], labels, beta=0.3, reduction="none", nll_average="sequence")
+    plain = fp.orpo_loss(bt["hidden"], bt["weight"], labels, beta=1e-12, reduction="none", nll_average="sequence")
+    torch.testing.assert_close(loss[0], plain[0])  # the NLL alone
+    assert (loss[1:] - plain[1:]).abs().min() > 1e-3  # the other pairs keep theirs
+
+
+def test_discopop_in_float32_below_exp_overflow():
+    """β·Δ < -88.7 overflowed e^{-x} in float32 (inf · 0 = NaN); the value is the float64 one."""
+    for x in (-100.0, -1e3, -3e4):
+        got = fp.objectives.dpo(torch.tensor([x]), torch.tensor([0.0]), beta=1.0, loss_type="discopop")
+        want = fp.objectives.dpo(torch.tensor([x], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                                 beta=1.0, loss_type="discopop")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_rpo_nll_metric_uses_plain_logps_with_ld_alpha(gen):
+    bt = make_batch(gen)
+    _, m = fp.dpo_loss(bt["hidden"], bt["weight"], bt["labels"], bt["bias"], **REF(bt), rpo_alpha=0.5, ld_alpha=0.2,
+                       return_metrics=True)
+    tok, mask = oracle.token_logps(bt["hidden"], bt["weight"], bt["labels"], bt["bias"])
+    torch.testing.assert_close(m["nll"], -tok[:P].sum() / mask[:P].sum())
+
+
+def test_wpo_weights_are_unbounded_by_default(gen):
+    """TRL 1.16 no longer clamps the WPO weights at 1; wpo_max=1 restores the clamp."""
+    bt = make_batch(gen)
+    h = bt["hidden"] * 0.05  # near-uniform policy: log p(y) - log Σp² ≈ 0, so weights ≈ 1 and some exceed 1
+    kw = dict(ref_hidden=bt["ref_hidden"], ref_weight=bt["ref_weight"], use_weighting=True, reduction="none")
+    plain = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], ref_hidden=bt["ref_hidden"],
+                        ref_weight=bt["ref_weight"], reduction="none")
+    w = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], **kw) / plain
+    clamped = fp.dpo_loss(h, bt["weight"], bt["labels"], bt["bias"], wpo_max=1.0, **kw) / plain
+    assert (w > 1).any()
+    torch.testing.assert_close(clamped, w.clamp(max=1.0))
+
+
+def test_kto_reference_point_conventions(gen):
+    """No KL completions: z₀ = 0 (TRL, Liger); batch_kl=True: the clamped batch mean of ρ."""
+    bt = make_batch(gen)
+    des = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    _, m0 = fp.kto_loss(bt["hidden"], bt["weight"], bt["labels"], desirable=des, **REF(bt), return_metrics=True)
+    _, m1 = fp.kto_loss(bt["hidden"], bt["weight"], bt["labels"], desirable=des, **REF(bt), batch_kl=True,
+                        return_metrics=True)
+    assert m0["kl"] == 0
+    torch.testing.assert_close(m1["kl"], (m1["rewards"] / 0.1).mean().clamp(min=0))
+
+
+PAIRED_KEYS = {"chosen_logps": (P,), "rejected_logps": (P,), "chosen_rewards": (P,), "rejected_rewards": (P,),
+               "reward_margin": (), "reward_accuracy": (), "preference_loss": ()}
+SCHEMA = {
+    "dpo": (fp.dpo_loss, lambda bt: dict(rpo_alpha=0.3, **REF(bt)), {**PAIRED_KEYS, "nll": ()}),
+    "simpo": (fp.simpo_loss, lambda bt: dict(nll_weight=0.3), {**PAIRED_KEYS, "nll": ()}),
+    "cpo": (fp.cpo_loss, lambda bt: dict(), {**PAIRED_KEYS, "nll": ()}),
+    "orpo": (fp.orpo_loss, lambda bt: dict(), {**PAIRED_KEYS, "nll": ()}),
+    "pmle": (fp.pmle_loss, lambda bt: dict(gamma=0.5, beta=0.1, **REF(bt)), {**PAIRED_KEYS, "kl": ()}),
+    "pref-distill": (fp.preference_distillation_loss, lambda bt: dict(
+        gamma=0.5, target_prob=torch.full((P,), 0.3, dtype=torch.float64)), PAIRED_KEYS),
+    "kto": (fp.kto_loss, lambda bt: dict(desirable=torch.arange(B) % 2 == 0, **REF(bt)),
+            {"logps": (B,), "rewards": (B,), "reward_margin": (), "kl": ()}),
+    "npo": (fp.npo_loss, lambda bt: dict(**REF(bt)), {"logps": (B,), "rewards": (B,)}),
+    "rkl": (fp.reverse_kl_loss, lambda bt: dict(rewards=_rewards(bt), beta=0.1, gamma=0.1, num_samples_per_prompt=2,
+                                                **REF(bt)),
+            {"logps": (B,), "score": (), "entropy": (), "kl": (), "objective": ()}),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMA))
+def test_metrics_follow_the_one_schema(name, gen):
+    """Same keys for the same quantities across losses (the table in fastpref/losses/_common.py), with the
+    documented shapes, detached."""
+    fn, kw, keys = SCHEMA[name]
+    bt = make_batch(gen)
+    h = bt["hidden"].clone().requires_grad_()
+    _, m = fn(h, bt["weight"], bt["labels"], bt["bias"], return_metrics=True, **kw(bt))
+    assert {k: tuple(v.shape) for k, v in m.items()} == keys
+    assert not any(v.requires_grad for v in m.values())
+    import fastpref.losses._common as common
+    for k in m:
+        assert f"\n{k} " in common.__doc__, f"{k} is not in the documented schema"

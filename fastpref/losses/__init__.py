@@ -10,7 +10,9 @@ from torch import nn
 from .distill import distill_loss
 from .distribution import pmle_loss, policy_kl_loss, preference_distillation_loss, reverse_kl_loss
 from .dpo import dpo_loss
-from .others import cpo_loss, kto_loss, nll_loss, npo_loss, orpo_loss, simpo_loss
+from .reference_free import cpo_loss, orpo_loss, simpo_loss
+from .sft import nll_loss
+from .unpaired import kto_loss, npo_loss
 
 
 def _module_twin(fn, name: str):

@@ -15,53 +15,76 @@ import torch
 
 from .. import _validate as V
 from .. import objectives
-from ._common import check_sequences, reduce, reference_logps, sequence_logps, token_exact_kl
+from ._common import (
+    check_common,
+    check_logps_vector,
+    check_reference_head,
+    check_sequences,
+    one_reference,
+    pair_metrics,
+    reduce,
+    reference_logps,
+    sequence_logps,
+    token_exact_kl,
+)
 
 KL_ESTIMATORS = ("sampled", "token_exact")
 
 
-def _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, *, ref_logps, ref_hidden, ref_weight, ref_bias,
-                     num_samples_per_prompt, common):
-    """β·KL(π‖π₀) per sequence: score-function surrogate on samples (value ``ℓ - ℓ₀``), or the exact
-    token-level reverse KL along the path."""
-    V.check_choice(estimator, "kl_estimator", KL_ESTIMATORS)
-    if estimator == "token_exact":
-        if ref_logps is not None:
-            raise ValueError("ref_logps: the token_exact estimator needs ref_hidden/ref_weight, not ref_logps")
-        return token_exact_kl(hidden, weight, labels, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                              ref_bias=ref_bias, **common)
-    ref = reference_logps(labels, precomputed=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                          ref_bias=ref_bias, hidden=hidden, weight=weight, **common)
-    if ref is None:
+def _check_kl_inputs(estimator, *, ref_logps, have_head, needed: bool, estimator_name="kl_estimator"):
+    """The reference each KL estimator needs, checked whether or not β makes it count."""
+    V.check_choice(estimator, estimator_name, KL_ESTIMATORS)
+    one_reference(ref_logps=ref_logps, have_head=have_head)
+    if estimator == "token_exact" and ref_logps is not None:
+        raise ValueError("ref_logps: the token_exact estimator needs ref_hidden/ref_weight, not ref_logps")
+    if not needed:
+        return
+    if estimator == "token_exact" and not have_head:
+        raise ValueError("ref_hidden: the token_exact KL estimator needs ref_hidden and ref_weight")
+    if estimator == "sampled" and not (have_head or ref_logps is not None):
         raise ValueError("ref_logps: beta > 0 needs the reference (ref_logps or ref_hidden/ref_weight)")
-    return objectives.sampled_kl(pol.logps, ref.to(pol.logps.dtype), num_samples_per_prompt=num_samples_per_prompt)
 
 
-def _paired_regularised(data_losses, pol, hidden, weight, labels, bias, *, beta, kl_estimator, ref_logps,
-                        ref_hidden, ref_weight, ref_bias, common):
+def _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, opts, *, ref_logps, have_head, ref_hidden,
+                     ref_weight, ref_bias, k):
+    """KL(π‖π₀) per sequence: score-function surrogate on samples (value ``ℓ - ℓ₀``), or the exact
+    token-level reverse KL along the path."""
+    if estimator == "token_exact":
+        return token_exact_kl(hidden, weight, labels, bias, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                              ref_bias=ref_bias)
+    ref = reference_logps(labels, opts, have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                          ref_bias=ref_bias, precomputed=ref_logps)
+    return objectives._sampled_kl(pol.logps, ref, k)
+
+
+def _paired(hidden, weight, labels, bias, *, gamma, beta, kl_estimator, ref_logps, ref_hidden, ref_weight, ref_bias,
+            opts):
+    """Shared set-up of the two paired objectives: checks, then the policy's log-probs."""
+    labels = check_sequences(hidden, weight, labels, bias, opts, paired=True)
+    gamma = V.check_positive(gamma, "gamma")
     beta = V.check_range(beta, "beta", 0.0, float("inf"), lo_open=False, hi_open=True)
+    have_head = check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight)
+    check_logps_vector(ref_logps, "ref_logps", hidden.shape[0], hidden)
+    _check_kl_inputs(kl_estimator, ref_logps=ref_logps, have_head=have_head, needed=beta > 0)
+    return labels, gamma, beta, have_head
+
+
+def _regularise(data_losses, pol, hidden, weight, labels, bias, opts, *, beta, kl_estimator, ref_logps, have_head,
+                ref_hidden, ref_weight, ref_bias):
     if beta == 0.0:
         return data_losses, None
-    kl = _kl_per_sequence(kl_estimator, pol, hidden, weight, labels, bias, ref_logps=ref_logps,
-                          ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                          num_samples_per_prompt=1, common=common)
+    kl = _kl_per_sequence(kl_estimator, pol, hidden, weight, labels, bias, opts, ref_logps=ref_logps,
+                          have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, k=1)
     half = kl.shape[0] // 2
-    kl_pair = 0.5 * (kl[:half] + kl[half:])  # both responses are samples of the same prompt
-    return data_losses + beta * kl_pair, kl_pair
+    return data_losses + beta * 0.5 * (kl[:half] + kl[half:]), kl  # both responses are samples of the prompt
 
 
-def _metrics(pol, half, data_losses, kl_pair, gamma):
-    margin = gamma * (pol.logps[:half] - pol.logps[half:]).detach()
-    out = {
-        "chosen_logps": pol.logps[:half].detach(),
-        "rejected_logps": pol.logps[half:].detach(),
-        "margin": margin,
-        "preference_accuracy": (margin > 0).float().mean() if half else margin.sum(),
-        "data_loss": data_losses.detach().mean() if half else data_losses.detach().sum(),
-    }
-    if kl_pair is not None:
-        out["kl"] = kl_pair.detach()
-    return out
+def _finish(losses, data, kl, pol, gamma, reduction, return_metrics):
+    loss = reduce(losses, reduction)
+    if not return_metrics:
+        return loss
+    return loss, pair_metrics(pol.logps, gamma * pol.logps, data,
+                              kl=None if kl is None else objectives._mean0(kl.detach()))
 
 
 def pmle_loss(
@@ -70,13 +93,13 @@ def pmle_loss(
     labels: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    gamma: float,
-    beta: float = 0.0,
-    kl_estimator: str = "token_exact",
     ref_logps: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    gamma: float,
+    beta: float = 0.0,
+    kl_estimator: str = "token_exact",
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -94,25 +117,26 @@ def pmle_loss(
         beta: regulariser strength (paper: TL;DR 1e-5, chat 0); 0 needs no reference.
         kl_estimator: ``"token_exact"`` (Σ_t KL(π‖π₀) over the vocabulary along each response,
             needs ``ref_hidden``/``ref_weight``) or ``"sampled"`` (score function on ``ℓ - ℓ₀``; only
-            unbiased when the responses are samples of the policy).
+            unbiased when the responses are samples of the policy).  Checked even when ``beta = 0``.
         ref_logps: ``(2P,)`` precomputed reference log-probs (``sampled`` only).
+        return_metrics: also return the metrics dict of :mod:`fastpref.losses._common` (rewards ``γ ℓ``).
 
     In plain PyTorch::
 
         logps = (token_logps * mask).sum(-1)
         loss = -F.logsigmoid(gamma * (logps[:P] - logps[P:])).mean()
     """
-    p2 = check_sequences(hidden, weight, labels, bias, paired=True)
-    common = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
-    pol = sequence_logps(hidden, weight, labels, bias, **common)
-    half = p2 // 2
-    data = objectives.pmle(pol.logps[:half], pol.logps[half:], gamma=gamma)
-    losses, kl_pair = _paired_regularised(
-        data, pol, hidden, weight, labels, bias, beta=beta, kl_estimator=kl_estimator, ref_logps=ref_logps,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, common=common,
-    )
-    loss = reduce(losses, reduction)
-    return (loss, _metrics(pol, half, data, kl_pair, gamma)) if return_metrics else loss
+    opts = check_common(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                        reduction=reduction, return_metrics=return_metrics)
+    ref = dict(ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    labels, gamma, beta, have_head = _paired(hidden, weight, labels, bias, gamma=gamma, beta=beta,
+                                             kl_estimator=kl_estimator, opts=opts, **ref)
+    pol = sequence_logps(hidden, weight, labels, bias, opts)
+    half = hidden.shape[0] // 2
+    data = objectives._pmle(pol.logps[:half], pol.logps[half:], gamma)
+    losses, kl = _regularise(data, pol, hidden, weight, labels, bias, opts, beta=beta, kl_estimator=kl_estimator,
+                             have_head=have_head, **ref)
+    return _finish(losses, data, kl, pol, gamma, reduction, return_metrics)
 
 
 def preference_distillation_loss(
@@ -121,16 +145,16 @@ def preference_distillation_loss(
     labels: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    gamma: float,
     reward_a: Optional[torch.Tensor] = None,
     reward_b: Optional[torch.Tensor] = None,
     target_prob: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    kl_estimator: str = "sampled",
     ref_logps: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    gamma: float,
+    beta: float = 0.0,
+    kl_estimator: str = "sampled",
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -144,50 +168,46 @@ def preference_distillation_loss(
     ``p = σ(R̂(a₁) - R̂(a₂))`` from a Bradley-Terry reward model (``reward_a``, ``reward_b``:
     ``(P,)``) or a given ``target_prob`` ``(P,)`` — exactly one of the two.  Symmetric in the
     pair, no label needed; pairs are usually two fresh samples of the current policy, so the
-    default KL estimator is ``"sampled"``.  Paper setting: γ = 0.1, β = 0.05.
+    default KL estimator is ``"sampled"``.  Paper setting: γ = 0.1, β = 0.05.  Metrics: the schema of
+    :mod:`fastpref.losses._common` (rewards ``γ ℓ``).
 
     In plain PyTorch::
 
         x = gamma * (logps[:P] - logps[P:])
         loss = F.binary_cross_entropy_with_logits(x, torch.sigmoid(reward_a - reward_b))
     """
-    p2 = check_sequences(hidden, weight, labels, bias, paired=True)
-    half = p2 // 2
-    for t, name in ((reward_a, "reward_a"), (reward_b, "reward_b"), (target_prob, "target_prob")):
-        if t is not None:
-            V.check_tensor(t, name)
-            if tuple(t.shape) != (half,):
-                raise ValueError(f"{name}: expected shape ({half},) (one per pair), got {tuple(t.shape)}")
-    common = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
-    pol = sequence_logps(hidden, weight, labels, bias, **common)
-    data = objectives.preference_distillation(
-        pol.logps[:half], pol.logps[half:], gamma=gamma, reward_a=reward_a, reward_b=reward_b, target_prob=target_prob
-    )
-    losses, kl_pair = _paired_regularised(
-        data, pol, hidden, weight, labels, bias, beta=beta, kl_estimator=kl_estimator, ref_logps=ref_logps,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, common=common,
-    )
-    loss = reduce(losses, reduction)
-    return (loss, _metrics(pol, half, data, kl_pair, gamma)) if return_metrics else loss
+    opts = check_common(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                        reduction=reduction, return_metrics=return_metrics)
+    ref = dict(ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    labels, gamma, beta, have_head = _paired(hidden, weight, labels, bias, gamma=gamma, beta=beta,
+                                             kl_estimator=kl_estimator, opts=opts, **ref)
+    half = hidden.shape[0] // 2
+    objectives._preference_targets(half, hidden, reward_a, reward_b, target_prob, like_name="hidden")
+    pol = sequence_logps(hidden, weight, labels, bias, opts)
+    data = objectives._preference_distillation(pol.logps[:half], pol.logps[half:], gamma, reward_a, reward_b,
+                                               target_prob)
+    losses, kl = _regularise(data, pol, hidden, weight, labels, bias, opts, beta=beta, kl_estimator=kl_estimator,
+                             have_head=have_head, **ref)
+    return _finish(losses, data, kl, pol, gamma, reduction, return_metrics)
 
 
 def reverse_kl_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    rewards: torch.Tensor,
-    *,
-    beta: float,
-    gamma: float,
-    num_samples_per_prompt: int,
     bias: Optional[torch.Tensor] = None,
-    entropy: str = "sequence",
-    kl_estimator: str = "sampled",
+    *,
+    rewards: torch.Tensor,
+    old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
-    old_logps: Optional[torch.Tensor] = None,
+    beta: float,
+    gamma: float,
+    num_samples_per_prompt: int,
+    entropy: str = "sequence",
+    kl_estimator: str = "sampled",
     clip_eps: float = 0.2,
     ignore_index: int = -100,
     temperature: float = 1.0,
@@ -202,13 +222,16 @@ def reverse_kl_loss(
 
     Args:
         hidden: ``(B, T, D)`` with ``B = prompts × k``: the ``k = num_samples_per_prompt`` policy
-            samples of each prompt on consecutive rows.  rewards: ``(B,)`` reward-model scores ``R̂``.
+            samples of each prompt on consecutive rows.
+        rewards: ``(B,)`` reward-model scores ``R̂`` (keyword-only, like every per-batch tensor).
+        old_logps: ``(B,)`` behaviour-policy log-probs: PPO clipping with ``clip_eps``.
         beta: KL strength (paper: 0.05); gamma: entropy strength (paper: 0.01).
         entropy: ``"sequence"`` — the score-function estimate ``-ℓ`` inside the shaped reward; or
             ``"token_exact"`` — ``Σ_t H(π(·|y<t))`` over the full vocabulary, differentiated directly.
         kl_estimator: ``"sampled"`` (``ℓ - ℓ₀`` in the shaped reward) or ``"token_exact"``
             (``Σ_t KL(π‖π₀)`` via ``linear_divergence``, needs ``ref_hidden``/``ref_weight``).
-        old_logps: ``(B,)`` behaviour-policy log-probs: PPO clipping with ``clip_eps``.
+        return_metrics: also return ``logps``, ``kl``, ``entropy``, ``score`` and ``objective`` (the
+            schema of :mod:`fastpref.losses._common`).
 
     The per-sample surrogate (leave-one-out baseline ``b`` over each prompt's samples)::
 
@@ -216,37 +239,33 @@ def reverse_kl_loss(
         adv = (shaped - leave_one_out(shaped)).detach()
         loss = -(adv * logps).mean()        # + beta * kl_tok - gamma * H_tok for token_exact terms
     """
-    b = check_sequences(hidden, weight, labels, bias, paired=False)
-    V.check_tensor(rewards, "rewards")
-    if tuple(rewards.shape) != (b,):
-        raise ValueError(f"rewards: expected shape ({b},), got {tuple(rewards.shape)}")
-    if old_logps is not None:
-        V.check_tensor(old_logps, "old_logps")
-        if tuple(old_logps.shape) != (b,):
-            raise ValueError(f"old_logps: expected shape ({b},), got {tuple(old_logps.shape)}")
-    V.check_choice(entropy, "entropy", ("sequence", "token_exact"))
-    V.check_choice(kl_estimator, "kl_estimator", KL_ESTIMATORS)
+    opts = check_common(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                        reduction=reduction, return_metrics=return_metrics)
+    labels = check_sequences(hidden, weight, labels, bias, opts, paired=False)
+    b = hidden.shape[0]
+    check_logps_vector(rewards, "rewards", b, hidden)
+    check_logps_vector(old_logps, "old_logps", b, hidden)
+    check_logps_vector(ref_logps, "ref_logps", b, hidden)
     beta = V.check_range(beta, "beta", 0.0, float("inf"), lo_open=False, hi_open=True)
     gamma = V.check_range(gamma, "gamma", 0.0, float("inf"), lo_open=False, hi_open=True)
-    common = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
-    pol = sequence_logps(hidden, weight, labels, bias, return_entropy=(entropy == "token_exact"), **common)
+    k = objectives._k_divides(num_samples_per_prompt, b)
+    V.check_choice(entropy, "entropy", ("sequence", "token_exact"))
+    clip_eps = objectives._clip_eps(clip_eps)
+    have_head = check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight)
+    _check_kl_inputs(kl_estimator, ref_logps=ref_logps, have_head=have_head, needed=beta > 0)
 
+    pol = sequence_logps(hidden, weight, labels, bias, opts, return_entropy=(entropy == "token_exact"))
     ref = None
     if beta > 0 and kl_estimator == "sampled":
-        ref = reference_logps(labels, precomputed=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                              ref_bias=ref_bias, hidden=hidden, weight=weight, **common)
-        if ref is None:
-            raise ValueError("ref_logps: beta > 0 needs the reference (ref_logps or ref_hidden/ref_weight)")
-        ref = ref.to(pol.logps.dtype)
-    losses = objectives.reverse_kl(
-        pol.logps, rewards, ref, beta=beta if ref is not None else 0.0,
-        gamma=gamma if entropy == "sequence" else 0.0, num_samples_per_prompt=num_samples_per_prompt,
-        old_logps=old_logps, clip_eps=clip_eps,
-    )
+        ref = reference_logps(labels, opts, have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                              ref_bias=ref_bias, precomputed=ref_logps).to(pol.logps.dtype)
+    losses = objectives._reverse_kl(pol.logps, rewards, ref, beta=beta if ref is not None else 0.0,
+                                    gamma=gamma if entropy == "sequence" else 0.0, k=k, old_logps=old_logps,
+                                    clip_eps=clip_eps)
     kl_tok = ent_tok = None
     if beta > 0 and kl_estimator == "token_exact":
-        kl_tok = token_exact_kl(hidden, weight, labels, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                ref_bias=ref_bias, **common)
+        kl_tok = token_exact_kl(hidden, weight, labels, bias, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                ref_bias=ref_bias)
         losses = losses + beta * kl_tok
     if entropy == "token_exact":
         ent_tok = pol.token_entropy.sum(-1)
@@ -254,17 +273,16 @@ def reverse_kl_loss(
     loss = reduce(losses, reduction)
     if not return_metrics:
         return loss
+    mean0 = objectives._mean0
     kl_est = kl_tok if kl_tok is not None else (pol.logps - ref if ref is not None else None)
-    ent_est = ent_tok if ent_tok is not None else -pol.logps
-    metrics = {
-        "logps": pol.logps.detach(),
-        "reward": rewards.detach().float().mean(),
-        "entropy": ent_est.detach().mean(),
-        "objective": (rewards.float() + gamma * ent_est.float()).detach().mean(),
-    }
+    ent_est = (ent_tok if ent_tok is not None else -pol.logps).detach()
+    score = rewards.detach().to(pol.logps.dtype)
+    metrics = {"logps": pol.logps.detach(), "score": mean0(score), "entropy": mean0(ent_est)}
+    objective = score + gamma * ent_est
     if kl_est is not None:
-        metrics["kl"] = kl_est.detach().mean()
-        metrics["objective"] = metrics["objective"] - beta * metrics["kl"]
+        metrics["kl"] = mean0(kl_est.detach())
+        objective = objective - beta * kl_est.detach()
+    metrics["objective"] = mean0(objective)
     return loss, metrics
 
 
@@ -272,13 +290,13 @@ def policy_kl_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    *,
-    estimator: str = "sampled",
     bias: Optional[torch.Tensor] = None,
+    *,
     ref_logps: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
+    estimator: str = "sampled",
     num_samples_per_prompt: int = 1,
     ignore_index: int = -100,
     temperature: float = 1.0,
@@ -295,11 +313,14 @@ def policy_kl_loss(
 
     Multiply by β and add to any loss.  Returns the reduced estimate (``reduction="none"``: ``(B,)``).
     """
-    check_sequences(hidden, weight, labels, bias, paired=False)
-    common = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend)
-    V.check_choice(estimator, "estimator", KL_ESTIMATORS)
-    pol = sequence_logps(hidden, weight, labels, bias, **common) if estimator == "sampled" else None
-    kl = _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
-                          ref_weight=ref_weight, ref_bias=ref_bias, num_samples_per_prompt=num_samples_per_prompt,
-                          common=common)
+    opts = check_common(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                        reduction=reduction)
+    labels = check_sequences(hidden, weight, labels, bias, opts, paired=False)
+    check_logps_vector(ref_logps, "ref_logps", hidden.shape[0], hidden)
+    have_head = check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight)
+    _check_kl_inputs(estimator, ref_logps=ref_logps, have_head=have_head, needed=True, estimator_name="estimator")
+    k = objectives._k_divides(num_samples_per_prompt, hidden.shape[0])
+    pol = sequence_logps(hidden, weight, labels, bias, opts) if estimator == "sampled" else None
+    kl = _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, opts, ref_logps=ref_logps,
+                          have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, k=k)
     return reduce(kl, reduction)
