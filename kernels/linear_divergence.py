@@ -323,10 +323,6 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
     acc = GradAccumulator(s_hidden, s_weight, s_bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, chunks=triton.cdiv(vocab, chunk), rows=n, cols=chunk)
     if n == 0 or not acc.any:
-        if n == 0:
-            for t in (acc.d_hidden, acc.d_weight):
-                if t is not None:
-                    t.zero_()
         return acc.result(s_bias)
     _, s_cap = opts.student.kernel_params()
     _, t_cap = opts.teacher.kernel_params()

@@ -223,10 +223,6 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
     acc = GradAccumulator(hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, chunks=triton.cdiv(vocab, chunk), rows=n, cols=chunk)
     if n == 0 or not acc.any:
-        if n == 0:
-            for t in (acc.d_hidden, acc.d_weight):
-                if t is not None:
-                    t.zero_()
         return acc.result(bias)
     inv_temp, cap = opts.transform.kernel_params()
     local = labels - opts.vocab_start if opts.vocab_start else labels

@@ -146,8 +146,8 @@ class GradAccumulator:
                 self.d_hidden = torch.empty_like(hidden)
             else:
                 self.dh_acc = hidden.new_zeros(n, dim, dtype=self.acc_dtype)
-        if need_weight:
-            self.d_weight = torch.empty_like(weight)
+        if need_weight:  # an empty batch adds nothing: zeros (elsewhere every slice is written or zeroed)
+            self.d_weight = torch.zeros_like(weight) if n == 0 else torch.empty_like(weight)
             if not self.single_rows and weight.dtype != self.acc_dtype:
                 self.dw_acc = weight.new_empty(cols, dim, dtype=self.acc_dtype)
         if need_bias:
