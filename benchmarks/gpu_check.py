@@ -714,6 +714,8 @@ class Driver:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget_s if args.budget_s else None
         self.settings = {k: getattr(args, k) for k in ("device", "dtype", "warmup", "iters", "seed")}
+        self.proc = None  # the running worker
+        self.last_exit = None
 
     def _record(self, item_id, **fields):
         item = self.plan[item_id]
@@ -741,15 +743,24 @@ class Driver:
                     self._record(i, status="skipped", reason=f"time budget of {self.args.budget_s:.0f} s used up")
                 return
             self._run_worker(pending)
-            pending = [i for i in pending if i not in self.results]
+            left = [i for i in pending if i not in self.results]
+            if len(left) == len(pending):  # a worker that records nothing: another would not either
+                for i in left:
+                    self._record(i, status="error", reason=f"a worker process ended (exit code {self.last_exit}) or "
+                                 "hung without running anything (see the log above)")
+                return
+            pending = left
 
     def _run_worker(self, ids) -> None:
+        """One worker process over ``ids`` until it finishes, dies, hangs, or the budget runs out."""
         fd, plan_path = tempfile.mkstemp(prefix="gpu_check_plan_", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump({"settings": self.settings, "items": [self.plan[i] for i in ids]}, f)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", plan_path]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        # Its own process group (killed with its children, e.g. compile workers), in this session (so whatever
+        # ends this session's processes ends it too).
+        self.proc = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=os.setpgrp)
         lines: queue.Queue = queue.Queue()
 
         def pump():
@@ -758,52 +769,49 @@ class Driver:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        current, started = None, None
-        eof = False
+        current, since = None, time.monotonic()  # the item in progress; the last event's time
+        limit = self.args.item_timeout
         try:
             while True:
                 try:
                     line = lines.get(timeout=0.5)
                 except queue.Empty:
                     line = ""
-                if line is None:
-                    eof = True
-                elif line.startswith(EVENT):
+                if line is not None and line.startswith(EVENT):
                     ev = json.loads(line[len(EVENT):])
+                    since = time.monotonic()
                     if ev["type"] == "meta":
                         self.meta = ev["meta"]
                     elif ev["type"] == "start":
-                        current, started = ev["id"], time.monotonic()
+                        current = ev["id"]
                     elif ev["type"] == "result":
-                        fields = {k: v for k, v in ev.items() if k not in ("type", "id")}
-                        self._record(ev["id"], **fields)
+                        self._record(ev["id"], **{k: v for k, v in ev.items() if k not in ("type", "id")})
                         current = None
                 elif line:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-                now = time.monotonic()
-                if current is not None and now - started > self.args.item_timeout:
-                    self._kill(proc)
-                    self._record(current, status="timeout",
-                                 reason=f"no result after {self.args.item_timeout:.0f} s (--item-timeout); worker killed")
-                    return
-                if current is not None and self.deadline and now > self.deadline:
-                    self._kill(proc)
-                    self._record(current, status="timeout",
-                                 reason=f"killed when the time budget of {self.args.budget_s:.0f} s ran out")
-                    return
-                if eof:
-                    code = proc.wait()
+                if line is None:  # the worker closed its output: it has ended or is ending
+                    code = self.last_exit = proc.wait()
                     if current is not None:
                         self._record(current, status="crashed",
                                      reason=f"the worker process died (exit code {code}) during this item")
-                    elif code != 0 and not any(i in self.results for i in ids):
-                        for i in ids:  # it died before running anything: a fresh one would too
-                            self._record(i, status="error", reason=f"the worker failed to start (exit code {code})")
+                    return
+                now = time.monotonic()
+                over_budget = self.deadline is not None and now > self.deadline
+                if now - since > limit or over_budget:
+                    self._kill(proc)
+                    if current is not None:
+                        why = (f"killed when the time budget of {self.args.budget_s:.0f} s ran out" if over_budget
+                               else f"no result after {limit:.0f} s (--item-timeout); worker killed")
+                        self._record(current, status="timeout", reason=why)
+                    else:
+                        print(f"gpu_check: the worker was silent for {now - since:.0f} s between items; killed",
+                              flush=True)
                     return
         finally:
             if proc.poll() is None:
                 self._kill(proc)
+            self.proc = None
             os.unlink(plan_path)
 
     @staticmethod
@@ -882,7 +890,7 @@ class Driver:
 
         if r["status"] != "ok":
             reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")
-            return f"| {r['task']} | {r['provider']} | | | | | | | | | {r['status']}: {reason} |"
+            return f"| {r['task']} | {r['provider']} | | | | | | | | | {r['status']}{': ' + reason if reason else ''} |"
         n, d, v = r["shape"]
         flops = (8.0 if r["task"] == "dpo" else 6.0) * n * d * v
         bad = self.flagged(r)
@@ -915,6 +923,16 @@ def drive(args) -> int:
     print(f"gpu_check: {len(plan)} items on {args.device}, {args.dtype}, shapes {args.shapes}; results in {out_dir}/",
           flush=True)
     drv = Driver(args, plan, out_dir)
+
+    def stop(signum, frame):  # e.g. the `timeout` around this script: take the worker down too, keep the files
+        if drv.proc is not None and drv.proc.poll() is None:
+            Driver._kill(drv.proc)
+        drv.write()
+        print(f"gpu_check: stopped by signal {signum}; partial results written to {out_dir}/", flush=True)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
     drv.run()
     drv.write()
     print()
