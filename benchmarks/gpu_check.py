@@ -271,7 +271,13 @@ class Case:
 
     def truth(self, task):
         if task not in self._truth:
-            self._truth[task] = self._logprobs_truth() if task == "logprobs" else self._dpo_truth()
+            try:
+                self._truth[task] = self._logprobs_truth() if task == "logprobs" else self._dpo_truth()
+            except Exception as exc:
+                self._truth[task] = exc  # remembered: the next providers do not retry an oracle that failed
+                raise
+        if isinstance(self._truth[task], Exception):
+            raise RuntimeError(f"the fp64 oracle failed earlier for this shape: {self._truth[task]}")
         return self._truth[task]
 
     def _rows(self):
@@ -563,7 +569,11 @@ def measure(step, case, task, warmup, iters) -> dict:
     _sync(dev)
     first_s = time.perf_counter() - t0
     out = {"first_call_s": round(first_s, 3)}
-    out.update(check(case, task, res))
+    try:
+        out.update(check(case, task, res))
+    except Exception as exc:  # the oracle failed (e.g. out of memory): the timing still counts
+        traceback.print_exc()
+        out["check_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     del res
     for _ in range(warmup - 1):
         step()
@@ -841,7 +851,7 @@ class Driver:
 
     def failures(self) -> list:
         return [r for r in self.results.values() if r["provider"].startswith("fastpref-")
-                and (r["status"] not in ("ok", "skipped") or self.flagged(r))]
+                and (r["status"] not in ("ok", "skipped") or self.flagged(r) or "check_error" in r)]
 
     def markdown(self) -> str:
         m = self.meta
@@ -898,7 +908,13 @@ class Driver:
         f3, f4 = floors["floor3"], floors["floor4"]
         return (f"| {r['task']} | {r['provider']} | {r['ms']:.2f} | {num(f3 and r['ms'] / f3, '.2f')} | "
                 f"{num(f4 and r['ms'] / f4, '.2f')} | {_tflops(flops / r['ms'] / 1e9)} | {num(r.get('peak_mib'), '.0f')} | "
-                f"{' | '.join(errs)} | {'FLAGGED' if bad else 'ok'} |")
+                f"{' | '.join(errs)} | {self._status(r, bad)} |")
+
+    @staticmethod
+    def _status(r, bad) -> str:
+        if "check_error" in r:
+            return "unchecked: " + r["check_error"].replace("|", "/").replace("\n", " ")
+        return "FLAGGED" if bad else "ok"
 
     def write(self) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
@@ -945,8 +961,12 @@ def drive(args) -> int:
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
           + f"; wrote {os.path.join(out_dir, 'gpu_check.md')} and .json")
     if fails:
-        print("gpu_check: FAIL: " + "; ".join(f"{'x'.join(map(str, r['shape']))} {r['task']} {r['provider']}: "
-                                           f"{r['status']}{' flagged ' + ','.join(drv.flagged(r)) if drv.flagged(r) else ''}"
+        def why(r):
+            if r["status"] != "ok":
+                return f"{r['status']}: {r.get('reason', '')}"
+            return f"unchecked: {r['check_error']}" if "check_error" in r else "flagged " + ",".join(drv.flagged(r))
+
+        print("gpu_check: FAIL: " + "; ".join(f"{'x'.join(map(str, r['shape']))} {r['task']} {r['provider']}: {why(r)}"
                                            for r in fails))
         return 1
     return 0

@@ -119,6 +119,10 @@ def test_flagging_and_failures():
     assert "| logprobs | fastpref-triton | 2.00 | 1.00 |" in md and "9.0e-03 ! | FLAGGED |" in md
     drv.results[3] = {**plan[3], "status": "error", "reason": "RuntimeError: boom"}
     assert [r["provider"] for r in drv.failures()] == ["fastpref-triton", "fastpref-cuda"]
+    # an oracle that failed leaves a fastpref row unchecked: that fails the run too
+    drv.results[3] = {**plan[3], **ok, "check_error": "OutOfMemoryError: fp64 oracle"}
+    assert [r["provider"] for r in drv.failures()] == ["fastpref-triton", "fastpref-cuda"]
+    assert "| unchecked: OutOfMemoryError: fp64 oracle |" in drv.markdown()
 
 
 def test_plan_rejects_bad_arguments():
