@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download / build, HERE (a machine with PyPI access), the wheels that benchmarks/gpu_check.sh installs on
-# the GPU machine, which has no network.  Run from anywhere, inside a venv with torch, setuptools and wheel
-# (the project's venv: torch, setuptools, wheel, packaging): fastpref and flash-attn are built with --no-build-isolation.
+# the GPU machine, which has no network.  Run from anywhere, inside a venv with torch, setuptools, wheel and
+# packaging (the project's venv): fastpref and flash-attn are built with --no-build-isolation.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh            # -> .whl/ in the repository root (git-ignored)
 #   bash benchmarks/fetch_gpu_wheels.sh some/dir   # elsewhere
