@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
+from . import distributed as _dist
 from .backends import CHOICES
 from .backends import contract as C
 from .ops import LinearDivergenceFunction, LinearLogprobsFunction
@@ -102,6 +103,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     outputs: Sequence[str] = (),
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], LogprobsOutput]:
     """Log-probability of each row's label under an LM head, without materialising the logits.
 
@@ -119,6 +121,10 @@ def linear_logprobs(
             logits over the vocabulary), ``"is_top1"`` (the label is the first argmax) — TRL 1.16's
             fused LM head contract.  Each costs a little and only when asked for.
         backend: ``"auto" | "torch" | "triton" | "cuda"`` (``FASTPREF_BACKEND`` overrides).
+        process_group: vocabulary parallel, Megatron style: ``weight`` (and ``bias``) are this rank's
+            slice of the head, the ranks of the group hold consecutive slices in rank order and the
+            same rows (``hidden``, ``labels``: global token ids).  A DTensor ``weight`` needs no group:
+            see :mod:`fastpref.distributed` and the README's "Distributed" section.
 
     Returns:
         ``logp`` of shape ``labels.shape``, float32 (float64 for float64 inputs), 0 on ignored rows,
@@ -147,9 +153,13 @@ def linear_logprobs(
     )
     if V.check_bool(return_entropy, "return_entropy"):
         opts = replace(opts, entropy=True)
-    labels = V.check_labels(labels, hidden, weight.shape[0], opts.ignore_index)
+    split = _dist.split_of(hidden, weight, bias, labels, process_group)
+    labels = V.check_labels(labels, hidden, weight.shape[0] if split is None else split.vocab_size, opts.ignore_index)
     backend = V.check_choice(backend, "backend", CHOICES)
-    out = logprobs_rows(hidden, weight, labels, bias, opts, backend)
+    if split is None:
+        out = logprobs_rows(hidden, weight, labels, bias, opts, backend)
+    else:
+        out = _dist.logprobs_rows(split, hidden, weight, labels, bias, opts, backend)
     if outputs:
         return out
     return (out.logp, out.entropy) if return_entropy else out.logp
@@ -167,6 +177,7 @@ def sequence_logprobs(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> torch.Tensor:
     """Summed (or, with ``average=True``, mean) log-prob of each sequence's non-ignored tokens.
 
@@ -179,7 +190,7 @@ def sequence_logprobs(
     V.check_float_tensor(hidden, "hidden", min_dim=2)
     logp = linear_logprobs(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        logit_scale=logit_scale, backend=backend,
+        logit_scale=logit_scale, backend=backend, process_group=process_group,
     )
     total = logp.sum(-1)
     if not V.check_bool(average, "average"):
@@ -207,6 +218,7 @@ def linear_divergence(
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-row divergence between a student head and a constant teacher/reference head.
 
@@ -222,7 +234,8 @@ def linear_divergence(
     Returns float32 ``(...)`` (float64 for float64 inputs): 0 where ``labels == ignore_index``, NaN
     where a label is outside ``[0, V)`` and could not be checked eagerly (``labels`` only mask rows).
     Gradients flow to the student side only.  ``return_entropy=True`` also returns the student's
-    entropy per row (no gradient), as TRL's distillation trainer logs it.
+    entropy per row (no gradient), as TRL's distillation trainer logs it.  Split heads (a DTensor pair,
+    or local slices with ``process_group``) must be split alike: see :func:`linear_logprobs`.
     """
     V.check_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                  weight_name="student_weight", bias_name="student_bias")
@@ -250,12 +263,18 @@ def linear_divergence(
         teacher=V.check_transform(temperature, teacher_softcap, teacher_logit_scale, prefix="teacher_"),
         entropy=V.check_bool(return_entropy, "return_entropy"),
     )
+    split = _dist.split_of(student_hidden, student_weight, student_bias, labels, process_group,
+                           teacher=(teacher_hidden, teacher_weight, teacher_bias), prefix="student_")
+    vocab = student_weight.shape[0] if split is None else split.vocab_size
     if labels is not None:
-        labels = V.check_labels(labels, student_hidden, student_weight.shape[0], opts.ignore_index,
-                                hidden_name="student_hidden")
+        labels = V.check_labels(labels, student_hidden, vocab, opts.ignore_index, hidden_name="student_hidden")
     backend = V.check_choice(backend, "backend", CHOICES)
-    div, ent = divergence_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                               teacher_bias, opts, backend)
+    if split is None:
+        div, ent = divergence_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                   student_bias, teacher_bias, opts, backend)
+    else:
+        div, ent = _dist.divergence_rows(split, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                         labels, student_bias, teacher_bias, opts, backend)
     return (div, ent) if return_entropy else div
 
 
