@@ -140,10 +140,14 @@ def primitives_job(rank, world, cases):
             th = _rows(case, rank, mesh, "teacher_hidden")
             out = fp.linear_divergence(h, w, th, tw, labels, student_bias=b, teacher_bias=tb, **kw)
             values = list(out) if isinstance(out, tuple) else [out]
-        elif case["op"] == "dpo":
+        elif case["op"] == "loss":  # per-row / per-pair losses (reduction="none") against the oracle's
             rw, _ = _split_head(case, rank, world, mesh, prefix="ref_")
-            rh = _rows(case, rank, mesh, "ref_hidden")
-            values = [fp.dpo_loss(h, w, labels, b, ref_hidden=rh.detach(), ref_weight=rw.detach(), **kw)]
+            rh, rw = _rows(case, rank, mesh, "ref_hidden").detach(), rw.detach()
+            fn = getattr(fp, f"{case['loss']}_loss")
+            if case["loss"] == "distill":
+                values = [fn(h, w, rh, rw, labels, student_bias=b, reduction="none", **kw)]
+            else:
+                values = [fn(h, w, labels, b, ref_hidden=rh, ref_weight=rw, reduction="none", **kw)]
         else:
             raise ValueError(case["op"])
         loss = _weighted_sum(values, case["upstream"], rank, gathered)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from conftest import assert_accurate, make_head, make_labels
 
+import fastpref as fp
 from fastpref import reference as ref
 from fastpref.reference import losses as oracle
 
@@ -80,19 +81,23 @@ def _dv_case(name, world, kind, *, form="dtensor", dtype=torch.float32, bias="sh
                        labels=labels), upstream=_upstream(lead, g, diff))
 
 
-def _dpo_case(name, world):
+def _loss_case(name, world, loss, kw, out_shape, *, bias="shard"):
+    """A loss on a vocabulary-parallel policy / student head with a vocabulary-parallel reference / teacher."""
     g = _gen(name, world)
     b, t = 4, 6
     h = torch.randn(b, t, D, generator=g, dtype=torch.float64)
     w = torch.randn(V, D, generator=g, dtype=torch.float64) * (2.0 / D**0.5)
+    bias_t = torch.randn(V, generator=g, dtype=torch.float64) * 0.3 if bias else None
     labels = torch.randint(0, V, (b, t), generator=g)
     labels[:, :2] = -100
     labels[1, -2:] = -100
-    x = dict(hidden=h.float(), weight=w.float(), bias=None, labels=labels,
-             ref_hidden=(h + 0.3 * torch.randn(b, t, D, generator=g, dtype=torch.float64)).float(),
-             ref_weight=(w + 0.05 * torch.randn(V, D, generator=g, dtype=torch.float64)).float())
-    return dict(op="dpo", form="dtensor", dtype=torch.float32, kw=dict(beta=0.5), bias_placement=None, x=x,
-                upstream=[torch.tensor(1.0, dtype=torch.float64)])
+    rh = h if loss != "distill" else torch.randn(b, t, DT, generator=g, dtype=torch.float64)
+    rw = w if loss != "distill" else torch.randn(V, DT, generator=g, dtype=torch.float64) / DT**0.5
+    x = dict(hidden=h.float(), weight=w.float(), bias=None if bias_t is None else bias_t.float(), labels=labels,
+             ref_hidden=(rh + 0.3 * torch.randn(rh.shape, generator=g, dtype=torch.float64)).float(),
+             ref_weight=(rw + 0.05 * torch.randn(rw.shape, generator=g, dtype=torch.float64)).float())
+    return dict(op="loss", loss=loss, form="dtensor", dtype=torch.float32, kw=kw, bias_placement=bias, x=x,
+                upstream=_upstream(out_shape, g))
 
 
 def cases_for(world):
@@ -116,7 +121,10 @@ def cases_for(world):
         "dv-jsd-bf16-replicated-bias": _dv_case("m", world, "jsd", dtype=torch.bfloat16, bias="replicate"),
         "dv-jsd-explicit-group": _dv_case("n", world, "jsd", form="explicit", kw=dict(beta=0.7)),
         "dv-reverse_kl-gathered-rows": _dv_case("o", world, "reverse_kl", form="gather"),
-        "dpo-vocab-parallel-ref-head": _dpo_case("p", world),
+        "loss-dpo-ref-head": _loss_case("p", world, "dpo", dict(beta=0.5), (2,)),
+        "loss-pmle-exact-kl": _loss_case("q", world, "pmle", dict(gamma=0.5, beta=0.1), (2,), bias=None),
+        "loss-distill-jsd-hard": _loss_case("r", world, "distill", dict(
+            kind="jsd", beta=0.3, hard_weight=0.5, soft_weight=0.7, temperature=1.2), (4, 6)),
     }
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         c[f"dv-{kind}-fp32"] = _dv_case(f"k-{kind}", world, kind, kw=dict(
@@ -155,11 +163,15 @@ def _oracle_values(case, leaves, labels, precision):
         out = ref.linear_divergence(h, w, th, c(x["teacher_weight"]), labels, student_bias=b, teacher_bias=tb,
                                     **kw, precision=precision)
         return list(out) if isinstance(out, tuple) else [out]
-    h, w, _ = leaves
+    h, w, b = leaves
     x = case["x"]
     c = (lambda t: t.double()) if precision == "fp64" else (lambda t: t)
-    return [oracle.dpo(h, w, labels, ref_hidden=c(x["ref_hidden"]), ref_weight=c(x["ref_weight"]), **kw,
-                       precision=precision).mean()]
+    if case["loss"] == "distill":
+        return [oracle.distill(h, w, c(x["ref_hidden"]), c(x["ref_weight"]), labels, student_bias=b, **kw,
+                               precision=precision)]
+    fn = getattr(oracle, case["loss"])
+    return [fn(h, w, labels, b, ref_hidden=c(x["ref_hidden"]), ref_weight=c(x["ref_weight"]), **kw,
+               precision=precision)]
 
 
 def oracle_run(case, precision, world):
@@ -304,7 +316,7 @@ def test_split_head_matches_single_process(spawned, name):
             assert torch.equal(o, t), f"{name}: is_top1 differs on {(o != t).sum().item()} rows"
             continue
         assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        if case["op"] != "dpo":
+        if case["op"] != "loss":
             assert (o[labels == -100] == 0).all(), f"{name}: output {i} not 0 on ignored rows"
         assert_accurate(f"{name}[{i}]", o, nv, t, dtype)
     assert set(grads) == set(t_grads), f"{name}: gradients of {sorted(grads)} != {sorted(t_grads)}"
@@ -362,3 +374,55 @@ def test_bad_distributed_input(spawned, case):
         assert got is not None, f"rank {r}: {case} did not raise"
         assert got[0] == exc.__name__, f"rank {r}: {case} raised {got[0]}: {got[1]}"
         assert got[1].startswith(f"{arg}:"), f"rank {r}: {case}: message does not name {arg!r}: {got[1]}"
+
+
+# --------------------------------------------------------------------------- without spawning
+
+
+def test_import_does_not_load_dtensor():
+    """DTensor support costs nothing until DTensors exist: ``import fastpref`` leaves
+    torch.distributed.tensor unimported (about 2 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastpref; print('torch.distributed.tensor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"], out
+
+
+def test_zero3_partitioned_weight_is_named(gen):
+    """A DeepSpeed ZeRO-3 parameter outside its module's forward is an empty tensor with ``ds_shape``."""
+    h, w, _ = make_head(4, D, V, gen=gen)
+    labels = make_labels(4, V, gen=gen)
+    partitioned = torch.nn.Parameter(torch.empty(0))
+    partitioned.ds_shape = w.shape
+    with pytest.raises(ValueError, match=r"^weight: a DeepSpeed ZeRO-3 partitioned parameter \(full shape \(37, 16\)\)"):
+        fp.linear_logprobs(h, partitioned, labels)
+    with pytest.raises(ValueError, match=r"^student_weight: a DeepSpeed ZeRO-3"):
+        fp.linear_divergence(h, partitioned, h, w, labels)
+
+
+@pytest.mark.slow
+def test_bench_distributed_quick(tmp_path):
+    """``fastpref-bench --distributed --quick``: files written, the bytes each collective moved as designed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastpref.bench", "--distributed", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "distributed.json").read_text())
+    assert (tmp_path / "distributed.md").read_text().count("\n| ") >= 8
+    n, d, v = (data["config"][k] for k in ("N", "D", "V"))
+    rows = {(s["workload"], s["world"], s["mode"]): s for s in data["summary"]}
+    vp = rows[("logprobs", 2, "vocab-parallel")]
+    assert vp["fwd_payload_bytes"] == 7 * n * 4 and vp["bwd_payload_bytes"] == n * d * 4
+    jsd = rows[("jsd", 2, "vocab-parallel")]
+    assert jsd["fwd_calls"] == 3 and jsd["fwd_payload_bytes"] == (2 + 6 + 2) * n * 4
+    gathered = rows[("logprobs", 2, "gathered")]
+    assert gathered["fwd_ops"] == ["all_gather"] and gathered["bwd_ops"] == ["reduce_scatter"]
+    assert gathered["bwd_payload_bytes"] == -(-v // 2) * 2 * d * 4  # the padded full gradient
+    assert rows[("logprobs", 1, "single")]["fwd_calls"] == 0
