@@ -46,7 +46,7 @@ from .backends import registered_ops as R
 
 log = logging.getLogger("fastpref")
 
-__all__ = ["Split", "divergence_rows", "is_dtensor", "logprobs_rows", "split_of"]
+__all__ = ["Split", "any_dtensor", "divergence_rows", "is_dtensor", "logprobs_rows", "split_of"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -54,6 +54,11 @@ def is_dtensor(t: object) -> bool:
     imported, no DTensor exists)."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
+
+
+def any_dtensor(*tensors) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and any(isinstance(t, mod.DTensor) for t in tensors)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,14 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 # --------------------------------------------------------------------------- unchecked internal calls
 
 
-def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend: str) -> LogprobsOutput:
-    """``linear_logprobs`` without validation: ``hidden (..., D)``, ``labels (...)`` int64."""
+def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend: str,
+                  split: Optional[_dist.Split] = None) -> LogprobsOutput:
+    """``linear_logprobs`` without validation: ``hidden (..., D)``, ``labels (...)`` int64.  A head split
+    over ranks (DTensors, or ``split`` from :func:`.distributed.split_of`) goes to :mod:`.distributed`."""
+    if split is None and _dist.any_dtensor(hidden, weight, bias):
+        split = _dist.split_of(hidden, weight, bias, labels, None)
+    if split is not None:
+        return _dist.logprobs_rows(split, hidden, weight, labels, bias, opts, backend)
     lead = labels.shape
     opts = replace(opts.for_weight(weight), cache=_needs_grad(hidden, weight, bias))
     logp, ent, lssp, mean, top1 = LinearLogprobsFunction.apply(
@@ -68,8 +74,15 @@ def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend
 
 
 def divergence_rows(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, opts: C.DivergenceOptions,
-                    backend: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``linear_divergence`` without validation -> ``(div, student entropy or None)`` shaped ``(...)``."""
+                    backend: str, split: Optional[_dist.Split] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``linear_divergence`` without validation -> ``(div, student entropy or None)`` shaped ``(...)``.
+    Heads split over ranks go to :mod:`.distributed`, as in :func:`logprobs_rows`."""
+    if split is None and _dist.any_dtensor(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias):
+        split = _dist.split_of(s_hidden, s_weight, s_bias, labels, None, teacher=(t_hidden, t_weight, t_bias),
+                               prefix="student_")
+    if split is not None:
+        return _dist.divergence_rows(split, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, opts,
+                                     backend)
     lead = s_hidden.shape[:-1]
     n = lead.numel()
     opts = replace(opts.for_weight(s_weight), cache=_needs_grad(s_hidden, s_weight, s_bias))
@@ -156,10 +169,7 @@ def linear_logprobs(
     split = _dist.split_of(hidden, weight, bias, labels, process_group)
     labels = V.check_labels(labels, hidden, weight.shape[0] if split is None else split.vocab_size, opts.ignore_index)
     backend = V.check_choice(backend, "backend", CHOICES)
-    if split is None:
-        out = logprobs_rows(hidden, weight, labels, bias, opts, backend)
-    else:
-        out = _dist.logprobs_rows(split, hidden, weight, labels, bias, opts, backend)
+    out = logprobs_rows(hidden, weight, labels, bias, opts, backend, split)
     if outputs:
         return out
     return (out.logp, out.entropy) if return_entropy else out.logp
@@ -269,12 +279,8 @@ def linear_divergence(
     if labels is not None:
         labels = V.check_labels(labels, student_hidden, vocab, opts.ignore_index, hidden_name="student_hidden")
     backend = V.check_choice(backend, "backend", CHOICES)
-    if split is None:
-        div, ent = divergence_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                   student_bias, teacher_bias, opts, backend)
-    else:
-        div, ent = _dist.divergence_rows(split, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                         labels, student_bias, teacher_bias, opts, backend)
+    div, ent = divergence_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                               teacher_bias, opts, backend, split)
     return (div, ent) if return_entropy else div
 
 
