@@ -345,7 +345,9 @@ class VocabParallelDivergence(torch.autograd.Function):
         else:
             stats, cache = C.empty_divergence_stats(s_hidden.shape[0], _stats_like(s_hidden)), _stats_like(s_hidden)
         stats = C.all_reduce_divergence(stats, opts.kind, _reducer(group))
-        if opts.kind == C.Kind.JSD:  # its two KL planes need the merged log-sum-exps: a second pass
+        if opts.kind == C.Kind.JSD and dist.get_world_size(group) > 1:
+            # its two KL planes need the merged log-sum-exps: a second pass (in a group of one, the slice
+            # is the whole vocabulary and the first pass computed them)
             if local:
                 kl = R.divergence_fwd(*heads, C.divergence_lse(stats).contiguous(), opts, backend)[0]
                 kl = kl[[C.DV_KLT, C.DV_KLS]].contiguous()

@@ -81,7 +81,7 @@ def _split_head(case, rank, world, mesh, prefix=""):
     x = case["x"]
     w, b = x[prefix + "weight"], x.get(prefix + "bias")
     if case["form"] == "explicit":
-        sl = _slices(case["sizes"], rank)
+        sl = _slices(case["sizes"], rank) if case.get("sizes") else slice(None)  # no sizes: the whole head
         return _leaf(w[sl]), _leaf(None if b is None else b[sl])
     place = [Replicate()] if case.get("bias_placement") == "replicate" else [Shard(0)]
     dw = distribute_tensor(w.detach(), mesh, [Shard(0)]).requires_grad_(True)
@@ -117,12 +117,13 @@ def primitives_job(rank, world, cases):
     import fastpref as fp
 
     mesh = init_device_mesh("cpu", (world,))
+    alone = [dist.new_group([r]) for r in range(world)]  # every rank creates every group, in order
     results = {}
     for name, case in cases.items():
         t0 = time.perf_counter()
         x, kw, gathered = case["x"], dict(case["kw"]), case["form"] == "gather"
         if case["form"] == "explicit":
-            kw["process_group"] = dist.group.WORLD
+            kw["process_group"] = alone[rank] if case.get("group_of_one") else dist.group.WORLD
         labels = x["labels"][rank] if gathered else x["labels"]
         w, b = _split_head(case, rank, world, mesh)
         h = _rows(case, rank, mesh, "hidden")

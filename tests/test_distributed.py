@@ -120,6 +120,8 @@ def cases_for(world):
         "lp-bf16-gathered-rows": _lp_case("i", world, form="gather", dtype=torch.bfloat16),
         "dv-jsd-bf16-replicated-bias": _dv_case("m", world, "jsd", dtype=torch.bfloat16, bias="replicate"),
         "dv-jsd-explicit-group": _dv_case("n", world, "jsd", form="explicit", kw=dict(beta=0.7)),
+        "dv-jsd-group-of-one": dict(_dv_case("s", world, "jsd", form="explicit", kw=dict(beta=0.6)), sizes=None,
+                                    group_of_one=True),
         "dv-reverse_kl-gathered-rows": _dv_case("o", world, "reverse_kl", form="gather"),
         "loss-dpo-ref-head": _loss_case("p", world, "dpo", dict(beta=0.5), (2,)),
         "loss-pmle-exact-kl": _loss_case("q", world, "pmle", dict(gamma=0.5, beta=0.1), (2,), bias=None),
@@ -291,11 +293,12 @@ def _assemble(case, name, results, world):
         gs = [p["grads"][k] for p in per_rank]
         if gs[0] is None:
             continue
-        if k == "weight" or (k == "bias" and case.get("bias_placement") != "replicate"):
-            grads[k] = torch.cat(gs)
-        elif k == "hidden" and gathered:
+        sharded = k == "weight" or (k == "bias" and case.get("bias_placement") != "replicate")
+        if gathered and k == "hidden":  # each rank's own rows
             grads[k] = torch.stack(gs)
-        else:
+        elif sharded and not case.get("group_of_one"):  # each rank's slice of the vocabulary
+            grads[k] = torch.cat(gs)
+        else:  # replicated: every rank must hold the same gradient
             for other in gs[1:]:
                 assert torch.equal(gs[0], other), f"{name}: ranks disagree on d {k}"
             grads[k] = gs[0]
