@@ -126,6 +126,19 @@ def check_same_dtype(ref: torch.Tensor, ref_name: str, x: torch.Tensor, name: st
         raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {x.dtype}")
 
 
+def check_not_partitioned(x: object, name: str) -> None:
+    """A DeepSpeed ZeRO-3 parameter outside its module's forward holds no data (an empty tensor whose
+    full shape is ``ds_shape``): say so, rather than report a shape of (0,)."""
+    ds_shape = getattr(x, "ds_shape", None)
+    if ds_shape is not None and isinstance(x, torch.Tensor) and x.numel() == 0:
+        raise ValueError(
+            f"{name}: a DeepSpeed ZeRO-3 partitioned parameter (full shape {tuple(ds_shape)}) holds no data "
+            "outside its module's forward; call fastpref inside a forward that gathers it "
+            "(deepspeed.zero.register_external_parameter) or under deepspeed.zero.GatheredParameters "
+            "(README, 'Distributed')"
+        )
+
+
 def check_head(
     hidden: object,
     weight: object,
@@ -136,6 +149,8 @@ def check_head(
     bias_name: str = "bias",
 ) -> None:
     """hidden ``(..., D)``, weight ``(V, D)``, bias ``(V,)``: same device, same dtype."""
+    check_not_partitioned(weight, weight_name)
+    check_not_partitioned(bias, bias_name)
     hidden = check_float_tensor(hidden, hidden_name)
     weight = check_float_tensor(weight, weight_name, min_dim=2)
     if weight.dim() != 2:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _validate as V
+from . import distributed as _dist
 from .backends import CHOICES
 from .backends import contract as C
 from .ops import LinearDivergenceFunction, LinearLogprobsFunction
@@ -45,8 +46,14 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 # --------------------------------------------------------------------------- unchecked internal calls
 
 
-def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend: str) -> LogprobsOutput:
-    """``linear_logprobs`` without validation: ``hidden (..., D)``, ``labels (...)`` int64."""
+def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend: str,
+                  split: Optional[_dist.Split] = None) -> LogprobsOutput:
+    """``linear_logprobs`` without validation: ``hidden (..., D)``, ``labels (...)`` int64.  A head split
+    over ranks (DTensors, or ``split`` from :func:`.distributed.split_of`) goes to :mod:`.distributed`."""
+    if split is None and _dist.any_dtensor(hidden, weight, bias):
+        split = _dist.split_of(hidden, weight, bias, labels, None)
+    if split is not None:
+        return _dist.logprobs_rows(split, hidden, weight, labels, bias, opts, backend)
     lead = labels.shape
     opts = replace(opts.for_weight(weight), cache=_needs_grad(hidden, weight, bias))
     logp, ent, lssp, mean, top1 = LinearLogprobsFunction.apply(
@@ -67,8 +74,15 @@ def logprobs_rows(hidden, weight, labels, bias, opts: C.LogprobsOptions, backend
 
 
 def divergence_rows(s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, opts: C.DivergenceOptions,
-                    backend: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``linear_divergence`` without validation -> ``(div, student entropy or None)`` shaped ``(...)``."""
+                    backend: str, split: Optional[_dist.Split] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``linear_divergence`` without validation -> ``(div, student entropy or None)`` shaped ``(...)``.
+    Heads split over ranks go to :mod:`.distributed`, as in :func:`logprobs_rows`."""
+    if split is None and _dist.any_dtensor(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias):
+        split = _dist.split_of(s_hidden, s_weight, s_bias, labels, None, teacher=(t_hidden, t_weight, t_bias),
+                               prefix="student_")
+    if split is not None:
+        return _dist.divergence_rows(split, s_hidden, s_weight, t_hidden, t_weight, labels, s_bias, t_bias, opts,
+                                     backend)
     lead = s_hidden.shape[:-1]
     n = lead.numel()
     opts = replace(opts.for_weight(s_weight), cache=_needs_grad(s_hidden, s_weight, s_bias))
@@ -102,6 +116,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     outputs: Sequence[str] = (),
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], LogprobsOutput]:
     """Log-probability of each row's label under an LM head, without materialising the logits.
 
@@ -119,6 +134,10 @@ def linear_logprobs(
             logits over the vocabulary), ``"is_top1"`` (the label is the first argmax) — TRL 1.16's
             fused LM head contract.  Each costs a little and only when asked for.
         backend: ``"auto" | "torch" | "triton" | "cuda"`` (``FASTPREF_BACKEND`` overrides).
+        process_group: vocabulary parallel, Megatron style: ``weight`` (and ``bias``) are this rank's
+            slice of the head, the ranks of the group hold consecutive slices in rank order and the
+            same rows (``hidden``, ``labels``: global token ids).  A DTensor ``weight`` needs no group:
+            see :mod:`fastpref.distributed` and the README's "Distributed" section.
 
     Returns:
         ``logp`` of shape ``labels.shape``, float32 (float64 for float64 inputs), 0 on ignored rows,
@@ -147,9 +166,10 @@ def linear_logprobs(
     )
     if V.check_bool(return_entropy, "return_entropy"):
         opts = replace(opts, entropy=True)
-    labels = V.check_labels(labels, hidden, weight.shape[0], opts.ignore_index)
+    split = _dist.split_of(hidden, weight, bias, labels, process_group)
+    labels = V.check_labels(labels, hidden, weight.shape[0] if split is None else split.vocab_size, opts.ignore_index)
     backend = V.check_choice(backend, "backend", CHOICES)
-    out = logprobs_rows(hidden, weight, labels, bias, opts, backend)
+    out = logprobs_rows(hidden, weight, labels, bias, opts, backend, split)
     if outputs:
         return out
     return (out.logp, out.entropy) if return_entropy else out.logp
@@ -167,6 +187,7 @@ def sequence_logprobs(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> torch.Tensor:
     """Summed (or, with ``average=True``, mean) log-prob of each sequence's non-ignored tokens.
 
@@ -179,7 +200,7 @@ def sequence_logprobs(
     V.check_float_tensor(hidden, "hidden", min_dim=2)
     logp = linear_logprobs(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        logit_scale=logit_scale, backend=backend,
+        logit_scale=logit_scale, backend=backend, process_group=process_group,
     )
     total = logp.sum(-1)
     if not V.check_bool(average, "average"):
@@ -207,6 +228,7 @@ def linear_divergence(
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group: Optional[object] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Per-row divergence between a student head and a constant teacher/reference head.
 
@@ -222,7 +244,8 @@ def linear_divergence(
     Returns float32 ``(...)`` (float64 for float64 inputs): 0 where ``labels == ignore_index``, NaN
     where a label is outside ``[0, V)`` and could not be checked eagerly (``labels`` only mask rows).
     Gradients flow to the student side only.  ``return_entropy=True`` also returns the student's
-    entropy per row (no gradient), as TRL's distillation trainer logs it.
+    entropy per row (no gradient), as TRL's distillation trainer logs it.  Split heads (a DTensor pair,
+    or local slices with ``process_group``) must be split alike: see :func:`linear_logprobs`.
     """
     V.check_head(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
                  weight_name="student_weight", bias_name="student_bias")
@@ -250,12 +273,14 @@ def linear_divergence(
         teacher=V.check_transform(temperature, teacher_softcap, teacher_logit_scale, prefix="teacher_"),
         entropy=V.check_bool(return_entropy, "return_entropy"),
     )
+    split = _dist.split_of(student_hidden, student_weight, student_bias, labels, process_group,
+                           teacher=(teacher_hidden, teacher_weight, teacher_bias), prefix="student_")
+    vocab = student_weight.shape[0] if split is None else split.vocab_size
     if labels is not None:
-        labels = V.check_labels(labels, student_hidden, student_weight.shape[0], opts.ignore_index,
-                                hidden_name="student_hidden")
+        labels = V.check_labels(labels, student_hidden, vocab, opts.ignore_index, hidden_name="student_hidden")
     backend = V.check_choice(backend, "backend", CHOICES)
     div, ent = divergence_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                               teacher_bias, opts, backend)
+                               teacher_bias, opts, backend, split)
     return (div, ent) if return_entropy else div
 
 

@@ -4,6 +4,7 @@ the naive reference, torch.compile, Liger-Kernel and cut-cross-entropy, same inp
     fastpref-bench                      # the sweep for the device found (CPU: a few minutes)
     fastpref-bench --quick              # tiny shapes (CI)
     fastpref-bench --workloads logprobs,dpo --providers naive,fastpref-torch,liger --out results/
+    fastpref-bench --distributed        # a split LM head over 1, 2, 4 ranks (fastpref.bench.distributed)
 
 Writes ``results.json``, ``results.md`` and one PNG per sweep into ``--out``.
 """
@@ -86,11 +87,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     iso.add_argument("--in-process", dest="isolate", action="store_false", help="run everything in this process")
     p.add_argument("--list", action="store_true", help="print the planned cases and exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: a split LM head over 1, 2, 4 ranks (memory, bytes communicated, time per rank; "
+                        "fastpref.bench.distributed, which takes more options)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.distributed:
+        from . import distributed
+
+        device = ["--device", args.device] if args.device != "auto" else []
+        return distributed.main(["--out", args.out] + (["--quick"] if args.quick else []) + device)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
