@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_accurate
+
 from fastpref.bench import workloads as W
 from fastpref.bench.cases import Case
 

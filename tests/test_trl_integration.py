@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 
 import pytest
@@ -27,9 +26,10 @@ tokenizers = pytest.importorskip("tokenizers")
 if tuple(int(x) for x in trl.__version__.split(".")[:2]) < (1, 16):
     pytest.skip(f"needs trl >= 1.16, found {trl.__version__}", allow_module_level=True)
 
+from conftest import assert_accurate  # noqa: E402
+
 import fastpref  # noqa: E402
 import fastpref.integrations.trl as fp_trl  # noqa: E402
-from conftest import assert_accurate  # noqa: E402
 from fastpref import objectives  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -772,3 +772,40 @@ def test_reverse_kl_trainer(estimator, tmp_path):
         assert trainer.model.lm_head.weight.grad is not None
     else:
         torch.testing.assert_close(got, base)
+
+
+# --------------------------------------------------------------------------- the examples, in their --tiny mode
+
+
+@contextlib.contextmanager
+def example(name):
+    """The example script ``examples/<name>.py`` as a module, with examples/ importable (its trl_tiny helper)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    examples = str(pathlib.Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", f"{examples}/{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(examples)
+
+
+@needs_extras
+@pytest.mark.parametrize("loss", ["pmle", "preference_distillation"])
+def test_example_trl_pmle(loss, tmp_path):
+    with example("trl_pmle") as module:
+        trainer = module.main(["--tiny", "--loss", loss, "--max-steps", "2", "--output-dir", str(tmp_path)])
+    assert any(f"{loss}/loss" in h for h in trainer.state.log_history)
+    assert not fp_trl.is_enabled()
+
+
+def test_example_trl_reverse_kl(tmp_path):
+    with example("trl_reverse_kl") as module:
+        trainer = module.main(["--tiny", "--max-steps", "1", "--output-dir", str(tmp_path)])
+    assert "rewards/entropy_bonus/mean" in trainer.state.log_history[0]
+    assert not fp_trl.is_enabled()

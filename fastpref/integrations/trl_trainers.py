@@ -319,7 +319,7 @@ class ReverseKLConfig(RLOOConfig):
 class _EntropyBonus:
     """RLOO reward function: the entropy part of the shaped reward, from the rollout's own head pass."""
 
-    def __init__(self, trainer: "ReverseKLTrainer"):
+    def __init__(self, trainer: ReverseKLTrainer):
         self.trainer = trainer
 
     def __call__(self, prompts, completions, completion_ids, **kwargs):
