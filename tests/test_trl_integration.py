@@ -809,3 +809,66 @@ def test_example_trl_reverse_kl(tmp_path):
         trainer = module.main(["--tiny", "--max-steps", "1", "--output-dir", str(tmp_path)])
     assert "rewards/entropy_bonus/mean" in trainer.state.log_history[0]
     assert not fp_trl.is_enabled()
+
+
+# --------------------------------------------------------------------------- FSDP2-style DTensor head (2 gloo ranks)
+
+
+def _dtensor_rank(rank, world, port, queue):
+    import sys
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import test_trl_integration as T
+    from trl.trainer.utils import add_fused_lm_head
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for mode in ("oracle", "stock", "fastpref"):
+        model = T.make_model(0)
+        sharded = distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)])  # vocabulary-sharded head
+        model.lm_head.weight = torch.nn.Parameter(sharded)
+        add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy"))
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+        labels = ids.masked_fill(torch.arange(12) < 4, -100)
+        with T.head(mode):
+            res = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            (res.log_probs.sum() + 0.3 * res.entropy.sum()).backward()
+        assert type(model.lm_head.weight.grad).__name__ == "DTensor"
+        out[mode] = [t.numpy().copy() for t in (res.log_probs.detach(), res.entropy.detach(),
+                                                model.lm_head.weight.grad.full_tensor(),
+                                                model.model.embed_tokens.weight.grad)]
+    queue.put((rank, out))  # numpy arrays travel by value (tensors would be shared memory of an exiting process)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_dtensor_head_two_ranks():
+    """TRL gathers a vocabulary-sharded DTensor head before the fused call: with fastpref enabled the outputs and
+    the (DTensor) head gradient match stock TRL by the accuracy rule, on 2 gloo ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dtensor_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, out in results.items():
+        for i, name in enumerate(("log_probs", "entropy", "d_lm_head", "d_embed")):
+            o, s_, t = (torch.from_numpy(out[m][i]) for m in ("fastpref", "stock", "oracle"))
+            assert_accurate(f"rank{rank}/{name}", o, s_, t, torch.float32)
