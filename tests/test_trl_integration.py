@@ -368,13 +368,23 @@ def test_divergence_dropin_matches_oracle_and_trl(beta, kw, gen):
         assert_accurate(name, o, s, t, torch.float32)
 
 
-def test_zero3_path_recomputes_inside_the_gather(gen, monkeypatch):
-    """Under ZeRO-3 the backward recomputes inside TRL's gather context and gives the direct path's gradients."""
+@pytest.mark.parametrize("which", ["logprobs", pytest.param("divergence", marks=needs_extras)])
+def test_zero3_path_recomputes_inside_the_gather(which, gen, monkeypatch):
+    """Under ZeRO-3 the backward recomputes inside TRL's gather context and gives the direct path's results."""
     import trl.trainer.utils as tu
 
     h, w, _, y = _inputs(gen)
+    th, tw, _, _ = _inputs(gen, d=40)
     gl, ge = torch.randn(len(y), generator=gen), torch.randn(len(y), generator=gen)
-    direct, g_direct = _run_logprob(fp_trl.ChunkedLogProbFunction, h, w, None, y, gl, ge, torch.float32, ("entropy",))
+
+    def run():
+        if which == "logprobs":
+            out, grads = _run_logprob(fp_trl.ChunkedLogProbFunction, h, w, None, y, gl, ge, torch.float32, ("entropy",))
+        else:
+            out, grads = _run_div(fp_trl.ChunkedDivergenceFunction, h, w, th, tw, 0.4, torch.float32, gl)
+        return out[:2], grads
+
+    direct, g_direct = run()
     entered = []
 
     @contextlib.contextmanager
@@ -384,9 +394,9 @@ def test_zero3_path_recomputes_inside_the_gather(gen, monkeypatch):
 
     monkeypatch.setattr(fp_trl, "_zero3_enabled", lambda: True)
     monkeypatch.setattr(tu, "maybe_gather_lm_head_ctx", recording_gather)
-    recomputed, g_rec = _run_logprob(fp_trl.ChunkedLogProbFunction, h, w, None, y, gl, ge, torch.float32, ("entropy",))
+    recomputed, g_rec = run()
     assert entered == [False, True], "expected one gather in forward (no graph) and one in backward (with a graph)"
-    for a, b in zip(direct[:2], recomputed[:2]):
+    for a, b in zip(direct, recomputed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(g_direct, g_rec):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -687,7 +697,7 @@ def _preference_prob(model, tok, gamma):
 
 
 @needs_extras
-@pytest.mark.parametrize("loss_type", ["pmle", "preference_distillation"])
+@pytest.mark.parametrize("loss_type", ["pmle", pytest.param("preference_distillation", marks=pytest.mark.slow)])
 def test_distribution_trainer_moves_policy_toward_target(loss_type, tmp_path):
     """Pairs with P(A ≻ B) = 0.25: both objectives' optimum has σ(γ(ℓ(A) - ℓ(B))) = 0.25 (the start is ~0.78)."""
     p_star, gamma = 0.25, 0.5
