@@ -429,7 +429,17 @@ def test_enable_disable_and_bad_options():
     assert (kl.ChunkedLogProbFunction, tk.ChunkedLogProbFunction, tu._ChunkedLogProbFunction,
             kd.ChunkedDivergenceFunction, dt.ChunkedDivergenceFunction) == original
     with fp_trl.enabled():
-        pass
+        # a TRL module imported while enabled binds the drop-in by name; disable() restores it there too
+        import sys
+        import types
+
+        late = types.ModuleType("trl._late_import_for_test")
+        late.ChunkedLogProbFunction = kl.ChunkedLogProbFunction
+        sys.modules[late.__name__] = late
+    try:
+        assert late.ChunkedLogProbFunction is original[0]
+    finally:
+        del sys.modules[late.__name__]
     assert tu._ChunkedLogProbFunction is original[2] and not fp_trl.is_enabled()
 
     with pytest.raises(ValueError, match="backend"):

@@ -377,9 +377,18 @@ def enable(*, backend: str = "auto") -> None:
 
 
 def disable() -> None:
-    """Undo :func:`enable`: TRL's own functions are back wherever they were replaced."""
+    """Undo :func:`enable`: TRL's own functions are back wherever they were replaced, including in TRL modules
+    imported while it was in effect."""
+    originals = {}
     for module, attr, original in reversed(_state["patched"]):
+        originals[id(getattr(module, attr))] = original
         setattr(module, attr, original)
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "trl" or name.startswith("trl.")):
+            continue
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if id(value) in originals:
+                setattr(module, attr, originals[id(value)])
     _state["patched"] = []
     _state["backend"] = None
 
