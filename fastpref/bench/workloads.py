@@ -17,6 +17,13 @@ Providers:
 - ``cce``: Apple's cut-cross-entropy ``linear_cross_entropy(reduction="none")`` as negative
   per-token log-probs (``impl="torch_compile"`` on CPU, its Triton ``"cce"`` on GPUs),
   with the loss formula on top for the sequence-level workloads.
+- ``trl``: TRL 1.16's fused LM head, ``trl.kernels.chunked_logprob.ChunkedLogProbFunction``
+  (cuBLAS tiles + a Triton fold on GPUs, a torch fold elsewhere), called as TRL's
+  ``add_fused_lm_head`` calls it (only the labelled rows on CUDA; every row, labels clamped
+  and the output masked, elsewhere), and ``ChunkedDivergenceFunction`` for the JSD workload.
+- ``torch-lce``: ``torch.nn.functional.linear_cross_entropy`` (PyTorch >= 2.13) with the
+  chunked ``options=torch.nn.LinearCrossEntropyOptions()`` and ``reduction="none"``, as
+  negative per-token log-probs (cross-entropy only: no JSD).
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ DPO_BETA = 0.1
 PD_GAMMA = 0.1
 JSD_BETA = 0.5
 
-PROVIDERS = ("naive", "compiled", "fastpref-torch", "fastpref-triton", "fastpref-cuda", "liger", "cce")
+PROVIDERS = (
+    "naive", "compiled", "fastpref-torch", "fastpref-triton", "fastpref-cuda", "liger", "cce", "trl", "torch-lce",
+)
 
 
 class Skip(Exception):
@@ -367,6 +376,102 @@ def _cce_fn(workload: str, device: torch.device) -> Callable:
     return f
 
 
+# --------------------------------------------------------------------------- TRL's fused head
+
+
+def _trl_fn(workload: str, device: torch.device) -> Callable:
+    try:
+        import trl
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except Exception as exc:  # not installed, too old, or a broken install
+        raise Skip(f"TRL's fused LM head not importable ({type(exc).__name__}: {exc}); needs trl >= 1.16") from exc
+    version = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in trl.__version__.split(".")[:2])
+    if version < (1, 16):
+        raise Skip(f"TRL's fused LM head needs trl >= 1.16, found {trl.__version__}")
+    compact = device.type == "cuda"  # TRL scores only the labelled rows where its Triton fold runs
+
+    def token_logps(h, w, y):
+        h2, y2 = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        keep = y2 != IGNORE_INDEX
+        if compact:
+            out = ChunkedLogProbFunction.apply(h2[keep], w, None, y2[keep], 1.0, chunk, None, 1.0, ())[0]
+            return out.new_zeros(keep.shape).masked_scatter(keep, out).view(y.shape)
+        out = ChunkedLogProbFunction.apply(h2, w, None, y2.clamp(min=0), 1.0, chunk, None, 1.0, ())[0]
+        return out.masked_fill(~keep, 0.0).view(y.shape)
+
+    if workload == "logprobs":
+
+        def f(hidden, weight, labels, grad_out):
+            return (token_logps(hidden, weight, labels) * grad_out).sum()
+    elif workload == "dpo":
+
+        def f(hidden, weight, labels, ref_hidden, ref_weight):
+            logps = token_logps(hidden, weight, labels).sum(-1)
+            with torch.no_grad():
+                ref_logps = token_logps(ref_hidden, ref_weight, labels).sum(-1)
+            return dpo_from_logps(logps, ref_logps)
+    elif workload == "pref_distill":
+
+        def f(hidden, weight, labels, reward_a, reward_b):
+            return pref_distill_from_logps(token_logps(hidden, weight, labels).sum(-1), reward_a, reward_b)
+    else:
+
+        def f(hidden, weight, teacher_hidden, teacher_weight, labels):
+            keep = labels.reshape(-1) != IGNORE_INDEX
+            hs, ht = hidden.reshape(-1, hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+            if compact:
+                hs, ht = hs[keep], ht[keep]
+            div = ChunkedDivergenceFunction.apply(hs, weight, None, ht, teacher_weight, None, JSD_BETA)[0]
+            if not compact:
+                div = div.masked_fill(~keep, 0.0)
+            return div.sum() / keep.sum().clamp(min=1)
+
+    return f
+
+
+# --------------------------------------------------------------------------- torch.nn.functional.linear_cross_entropy
+
+
+def _torch_lce_fn(workload: str, device: torch.device) -> Callable:
+    if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        raise Skip(
+            f"torch.nn.functional.linear_cross_entropy with chunked options needs PyTorch >= 2.13 "
+            f"(found {torch.__version__})"
+        )
+    if workload == "jsd":
+        raise Skip("torch.nn.functional.linear_cross_entropy computes cross-entropy only (no teacher distribution)")
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def token_logps(h, w, y):
+        nll = F.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), w, y.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX, options=options
+        )
+        return -nll.float().view(y.shape)
+
+    if workload == "logprobs":
+
+        def f(hidden, weight, labels, grad_out):
+            return (token_logps(hidden, weight, labels) * grad_out).sum()
+    elif workload == "dpo":
+
+        def f(hidden, weight, labels, ref_hidden, ref_weight):
+            logps = token_logps(hidden, weight, labels).sum(-1)
+            with torch.no_grad():
+                ref_logps = token_logps(ref_hidden, ref_weight, labels).sum(-1)
+            return dpo_from_logps(logps, ref_logps)
+    else:
+
+        def f(hidden, weight, labels, reward_a, reward_b):
+            return pref_distill_from_logps(token_logps(hidden, weight, labels).sum(-1), reward_a, reward_b)
+
+    return f
+
+
+_EXTERNAL = {"liger": _liger_fn, "cce": _cce_fn, "trl": _trl_fn, "torch-lce": _torch_lce_fn}
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -383,9 +488,9 @@ def provider_skip_reason(workload: str, provider: str, device: torch.device) -> 
         if backend not in reasons:
             return f"unknown fastpref backend {backend!r}"
         return reasons[backend]
-    if provider in ("liger", "cce"):
+    if provider in _EXTERNAL:
         try:
-            (_liger_fn if provider == "liger" else _cce_fn)(workload, device)
+            _EXTERNAL[provider](workload, device)
         except Skip as exc:
             return str(exc)
         return None
@@ -405,9 +510,7 @@ def loss_fn(workload: str, provider: str, device: torch.device) -> Callable:
         return torch.compile(NAIVE[workload])
     if provider.startswith("fastpref-"):
         return _fastpref_fn(workload, provider[len("fastpref-") :])
-    if provider == "liger":
-        return _liger_fn(workload, device)
-    return _cce_fn(workload, device)
+    return _EXTERNAL[provider](workload, device)
 
 
 def trainable(inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:

@@ -1,0 +1,5 @@
+"""Integrations of fastpref with training libraries.
+
+Nothing here is imported by ``import fastpref``: each integration is imported explicitly, e.g.
+``import fastpref.integrations.trl``, and uses only fastpref's public API.
+"""
