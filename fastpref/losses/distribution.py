@@ -47,11 +47,17 @@ def _check_kl_inputs(estimator, *, ref_logps, have_head, needed: bool, estimator
 
 def _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, opts, *, ref_logps, have_head, ref_hidden,
                      ref_weight, ref_bias, k):
-    """KL(π‖π₀) per sequence: score-function surrogate on samples (value ``ℓ - ℓ₀``), or the exact
-    token-level reverse KL along the path."""
+    """KL(π‖π₀) per sequence on samples ``y ~ π``: score-function surrogate (value ``ℓ - ℓ₀``), or the
+    exact token-level reverse KL along the path ``κ(y) = Σ_t KL(π(·|y<t) ‖ π₀(·|y<t))``.
+
+    ``KL(π‖π₀) = E_y[κ(y)]`` and ``κ`` depends on θ both directly and through the sampled path, so its
+    gradient is ``E[∇κ] + E[(κ - b) ∇ℓ]``: the surrogate has value ``κ`` and both terms (``b`` the
+    leave-one-out baseline over each prompt's samples)."""
     if estimator == "token_exact":
-        return token_exact_kl(hidden, weight, labels, bias, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                              ref_bias=ref_bias)
+        kl = token_exact_kl(hidden, weight, labels, bias, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                            ref_bias=ref_bias)
+        coef = kl.detach() - objectives._leave_one_out(kl.detach(), k)
+        return kl + coef * (pol.logps - pol.logps.detach())
     ref = reference_logps(labels, opts, have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight,
                           ref_bias=ref_bias, precomputed=ref_logps)
     return objectives._sampled_kl(pol.logps, ref, k)
@@ -227,7 +233,8 @@ def reverse_kl_loss(
         old_logps: ``(B,)`` behaviour-policy log-probs: PPO clipping with ``clip_eps``.
         beta: KL strength (paper: 0.05); gamma: entropy strength (paper: 0.01).
         entropy: ``"sequence"`` — the score-function estimate ``-ℓ`` inside the shaped reward; or
-            ``"token_exact"`` — ``Σ_t H(π(·|y<t))`` over the full vocabulary, differentiated directly.
+            ``"token_exact"`` — ``η(y) = Σ_t H(π(·|y<t))`` over the full vocabulary: ``H(π) = E_y[η(y)]``,
+            so ``η`` is both differentiated directly and added to the shaped reward (it depends on the path).
         kl_estimator: ``"sampled"`` (``ℓ - ℓ₀`` in the shaped reward) or ``"token_exact"``
             (``Σ_t KL(π‖π₀)`` via ``linear_divergence``, needs ``ref_hidden``/``ref_weight``).
         return_metrics: also return ``logps``, ``kl``, ``entropy``, ``score`` and ``objective`` (the
@@ -237,7 +244,8 @@ def reverse_kl_loss(
 
         shaped = rewards - beta * (logps - ref_logps) - gamma * logps       # sampled / sequence
         adv = (shaped - leave_one_out(shaped)).detach()
-        loss = -(adv * logps).mean()        # + beta * kl_tok - gamma * H_tok for token_exact terms
+        loss = -(adv * logps).mean()        # token_exact: kl_tok / H_tok join `shaped` (detached) too,
+                                            # and + beta * kl_tok - gamma * H_tok are differentiated directly
     """
     opts = check_common(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                         reduction=reduction, return_metrics=return_metrics)
@@ -259,16 +267,23 @@ def reverse_kl_loss(
     if beta > 0 and kl_estimator == "sampled":
         ref = reference_logps(labels, opts, have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight,
                               ref_bias=ref_bias, precomputed=ref_logps).to(pol.logps.dtype)
-    losses = objectives._reverse_kl(pol.logps, rewards, ref, beta=beta if ref is not None else 0.0,
-                                    gamma=gamma if entropy == "sequence" else 0.0, k=k, old_logps=old_logps,
-                                    clip_eps=clip_eps)
+    # Exact token-level terms κ(y) (KL, entropy along the sampled path) enter twice: differentiated
+    # directly, and as part of the shaped reward of the score-function term (they depend on the path).
     kl_tok = ent_tok = None
+    shaped_rewards = rewards.to(pol.logps.dtype)
     if beta > 0 and kl_estimator == "token_exact":
         kl_tok = token_exact_kl(hidden, weight, labels, bias, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                 ref_bias=ref_bias)
-        losses = losses + beta * kl_tok
+        shaped_rewards = shaped_rewards - beta * kl_tok.detach()
     if entropy == "token_exact":
         ent_tok = pol.token_entropy.sum(-1)
+        shaped_rewards = shaped_rewards + gamma * ent_tok.detach()
+    losses = objectives._reverse_kl(pol.logps, shaped_rewards, ref, beta=beta if ref is not None else 0.0,
+                                    gamma=gamma if entropy == "sequence" else 0.0, k=k, old_logps=old_logps,
+                                    clip_eps=clip_eps)
+    if kl_tok is not None:
+        losses = losses + beta * kl_tok
+    if ent_tok is not None:
         losses = losses - gamma * ent_tok
     loss = reduce(losses, reduction)
     if not return_metrics:
@@ -308,8 +323,9 @@ def policy_kl_loss(
 
     ``estimator="sampled"``: value ``ℓ(y) - ℓ₀(y)``, gradient ``(ℓ - ℓ₀ - b) ∇ℓ`` (score function,
     leave-one-out baseline ``b`` over the ``num_samples_per_prompt`` consecutive samples of a prompt).
-    ``estimator="token_exact"``: ``Σ_t KL(π(·|y<t) ‖ π₀(·|y<t))`` exact over the vocabulary along
-    the sampled path, via :func:`fastpref.linear_divergence` (``kind="reverse_kl"``).
+    ``estimator="token_exact"``: value ``κ = Σ_t KL(π(·|y<t) ‖ π₀(·|y<t))`` exact over the vocabulary
+    along the sampled path (``kind="reverse_kl"`` of :func:`fastpref.linear_divergence`), gradient
+    ``∇κ + (κ - b) ∇ℓ`` (the path itself depends on π; one more fused log-prob pass for ``ℓ``).
 
     Multiply by β and add to any loss.  Returns the reduced estimate (``reduction="none"``: ``(B,)``).
     """
@@ -320,7 +336,7 @@ def policy_kl_loss(
     have_head = check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight)
     _check_kl_inputs(estimator, ref_logps=ref_logps, have_head=have_head, needed=True, estimator_name="estimator")
     k = objectives._k_divides(num_samples_per_prompt, hidden.shape[0])
-    pol = sequence_logps(hidden, weight, labels, bias, opts) if estimator == "sampled" else None
+    pol = sequence_logps(hidden, weight, labels, bias, opts)
     kl = _kl_per_sequence(estimator, pol, hidden, weight, labels, bias, opts, ref_logps=ref_logps,
                           have_head=have_head, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, k=k)
     return reduce(kl, reduction)

@@ -203,9 +203,11 @@ def policy_kl(hidden, weight, labels, bias=None, *, estimator="sampled", ref_log
               ref_weight=None, ref_bias=None, num_samples_per_prompt=1, temperature=1.0, softcap=None,
               ignore_index=-100, precision="fp64"):
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
-    if estimator == "token_exact":
-        return token_kl(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, kw)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
+    if estimator == "token_exact":  # E_y[κ(y)]: pathwise ∇κ plus the score term κ ∇ℓ (baseline b)
+        kappa = token_kl(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, kw)
+        c = kappa.detach() - _loo(kappa.detach(), num_samples_per_prompt)
+        return kappa + c * (pol - pol.detach())
     ref = _ref_seq(labels, ref_logps, ref_hidden, ref_weight, ref_bias, kw)
     kl = (pol - ref).detach()
     coef = kl - _loo(kl, num_samples_per_prompt)
@@ -228,8 +230,13 @@ def reverse_kl(hidden, weight, labels, bias=None, *, rewards, beta, gamma, num_s
     r = rewards.to(pol.dtype)
     if beta and kl_estimator == "sampled":
         r = r - beta * (pol - _ref_seq(labels, ref_logps, ref_hidden, ref_weight, ref_bias, kw))
+    if beta and kl_estimator == "token_exact":
+        r = r - beta * token_kl(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, kw)
     if entropy == "sequence":
         r = r - gamma * pol
+    else:
+        lp0 = _token_logsm(hidden, weight, bias, temperature, softcap, precision)
+        r = r + gamma * torch.where(mask, -(lp0.exp() * lp0).sum(-1), torch.zeros_like(pol[:, None])).sum(-1)
     r = r.detach()
     adv = r - _loo(r, num_samples_per_prompt)
     if old_logps is None:
