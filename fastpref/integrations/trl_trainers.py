@@ -278,8 +278,9 @@ class DistributionDPOTrainer(DPOTrainer):
             loss = loss + weight * per_pair.mean()
 
         if self.args.kl_coef:
-            if exact:
+            if exact:  # the path depends on π too: pathwise gradient plus the score term (as fastpref.policy_kl_loss)
                 kl = self._fp_token_exact_kl(rec, inputs["input_ids"], completion_mask)
+                kl = kl + kl.detach() * (logps - logps.detach())
             else:
                 if "ref_chosen_logps" in inputs:
                     ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.device)
