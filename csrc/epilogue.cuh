@@ -314,10 +314,11 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFw
   const LpAcc out = merge(old, acc);
   st[kLpMax * ps] = out.m;
   st[kLpSum * ps] = out.s;
-  st[kLpEnt * ps] = out.t;
-  st[kLpSq * ps] = out.q;
-  st[kLpZsum * ps] = out.zsum;
-  st[kLpBefore * ps] = out.before;
+  // Planes not asked for keep their values (their merges would rescale what was never accumulated).
+  if (want_t) st[kLpEnt * ps] = out.t;
+  if (want_q) st[kLpSq * ps] = out.q;
+  if (want_zsum) st[kLpZsum * ps] = out.zsum;
+  if (want_before) st[kLpBefore * ps] = out.before;
   if (local >= 0 && local < p.cols) st[kLpTarget * ps] += tf(to_float(z[local]), static_cast<int>(local));
 }
 
@@ -420,7 +421,7 @@ __global__ void __launch_bounds__(kThreads) divergence_fwd_kernel(const Divergen
     const HeadAcc t_out = merge(HeadAcc{st[kDvTmax * ps], st[kDvTsum * ps], fkl ? cross : 0.f, 0.f}, at);
     st[kDvSmax * ps] = s_out.m;
     st[kDvSsum * ps] = s_out.s;
-    st[kDvSent * ps] = s_out.t;
+    if (want_t) st[kDvSent * ps] = s_out.t;  // planes not asked for keep their values
     st[kDvTmax * ps] = t_out.m;
     st[kDvTsum * ps] = t_out.s;
     if (fkl || rkl) st[kDvCross * ps] = fkl ? t_out.w : s_out.w;

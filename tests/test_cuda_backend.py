@@ -254,7 +254,11 @@ def emu_logprobs_stats_fwd(logits, labels, bias, stats, col0, inv_temp, cap, wan
     if want & 8:
         before = torch.arange(cols)[None, :] < local[:, None]
         tile[C.LP_BEFORE] = z.masked_fill(~before, float("-inf")).amax(1)
-    stats.copy_(C.merge_logprobs(torch.stack([stats, tile])))
+    merged = C.merge_logprobs(torch.stack([stats, tile]))
+    for bit, plane in ((1, C.LP_ENT), (2, C.LP_SQ), (4, C.LP_ZSUM), (8, C.LP_BEFORE)):
+        if not want & bit:  # planes not asked for keep their values
+            merged[plane] = stats[plane]
+    stats.copy_(merged)
 
 
 def emu_logprobs_grad_tile(logits, dz_out, labels, bias, grad_logp, grad_entropy, lse, entropy, col0, inv_temp, cap):
@@ -295,7 +299,12 @@ def emu_divergence_stats_fwd(s_logits, t_logits, s_bias, t_bias, stats, lse, kin
         tile[C.DV_CROSS] = (es * (zs - zt)).sum(1)
     if entropy:
         tile[C.DV_SENT] = (es * (zs - ms[:, None])).sum(1)
-    stats.copy_(C.merge_divergence(torch.stack([stats, tile]), C.Kind(kind)))
+    merged = C.merge_divergence(torch.stack([stats, tile]), C.Kind(kind))
+    if not entropy:  # planes not asked for keep their values
+        merged[C.DV_SENT] = stats[C.DV_SENT]
+    if kind == C.Kind.JSD:  # (a JSD has no cross term)
+        merged[C.DV_CROSS] = stats[C.DV_CROSS]
+    stats.copy_(merged)
 
 
 def emu_divergence_grad_tile(s_logits, dz_out, t_logits, s_bias, t_bias, grad, saved, kind, beta, s_inv_temp, s_cap,
@@ -540,15 +549,19 @@ def test_contract_logprobs_native_16bit_tiles(emulated_kernels, monkeypatch, gen
                    gen, cache=False)
 
 
-def test_contract_logprobs_planes_not_asked_for_stay_at_the_identity(emulated_kernels, gen):
-    h, w, _ = make_head(9, 8, 50, gen=gen)
-    labels = make_labels(9, 50, gen=gen)
-    stats, cache = emulated_kernels.logprobs_fwd(h, w, labels, None, C.LogprobsOptions(vocab_size=50))
-    empty = C.empty_logprobs_stats(9, stats)
+def test_contract_logprobs_planes_not_asked_for_stay_at_the_identity(emulated_kernels, monkeypatch, gen):
+    """Over five vocabulary tiles, the optional planes nobody asked for stay at the merge identity."""
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+    h, w, _ = make_head(64, 8, 300, gen=gen)
+    labels = make_labels(64, 300, gen=gen)
+    with workspace(2**16):
+        assert tiling.plan_tiles(64, 300) == (64, 64)
+        stats, cache = emulated_kernels.logprobs_fwd(h, w, labels, None, C.LogprobsOptions(vocab_size=300))
+    empty = C.empty_logprobs_stats(64, stats)
     for plane in (C.LP_ENT, C.LP_SQ, C.LP_ZSUM, C.LP_BEFORE):
         assert torch.equal(stats[plane], empty[plane])
     assert cache.numel() == 0
-    rows = C.finish_logprobs(stats, labels, C.LogprobsOptions(vocab_size=50))
+    rows = C.finish_logprobs(stats, labels, C.LogprobsOptions(vocab_size=300))
     truth = ref.linear_logprobs(h, w, labels)
     assert_accurate("logp", rows.logp, ref.linear_logprobs(h, w, labels, precision="native"), truth, torch.float32)
 
@@ -781,6 +794,32 @@ def test_dispatch_sends_sharded_calls_to_cuda(cuda_backend_on_cpu):
     opts = C.LogprobsOptions(is_top1=True, vocab_start=64, vocab_size=256)
     assert backends.resolve("cuda", torch.device("cpu"), torch.bfloat16, "logprobs", opts, sharded=True) == "cuda"
     assert backends.resolve("cuda", torch.device("cpu"), torch.float64, "logprobs", opts, sharded=True) == "torch"
+
+
+def _small_case_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_small_case.py"
+    spec = importlib.util.spec_from_file_location("cuda_small_case", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_small_case_script_runs_on_cpu_with_the_model(cuda_backend_on_cpu, monkeypatch):
+    """benchmarks/cuda_small_case.py (the compute-sanitizer run of gpu_check_cuda.sh) on CPU tensors with the model
+    as kernels: its cases use the current API and pass, so the first GPU run tests the kernels, not the script."""
+    mod = _small_case_module()
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(mod, "failures", [])
+    g = torch.Generator().manual_seed(0)
+    with workspace(2**16):
+        mod.logprobs_case("[cpu]", 13, 16, 301, torch.bfloat16, g)
+        mod.sharded_logprobs_case("[cpu]", 11, 16, 301, torch.float32, g)
+        for kind in KINDS:
+            mod.divergence_case("[cpu]", 9, 12, 8, 257, torch.float32, kind, g)
+            mod.sharded_divergence_case("[cpu]", 9, 8, 201, torch.float32, kind, g)
+    assert mod.failures == []
 
 
 # =========================================================================== on a GPU
