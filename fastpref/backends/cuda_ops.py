@@ -109,14 +109,6 @@ def _cols(t: Optional[torch.Tensor], c0: int, c1: int) -> Optional[torch.Tensor]
     return None if t is None else t[c0:c1]
 
 
-def _zero_grads(acc: GradAccumulator, bias):
-    """No rows: the gradients of the head are zero (nothing was accumulated into them)."""
-    for t in (acc.d_hidden, acc.dh_acc, acc.d_weight, acc.d_bias):
-        if t is not None:
-            t.zero_()
-    return acc.result(bias)
-
-
 # --------------------------------------------------------------------------- logprobs
 
 
@@ -170,10 +162,8 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
                                 acc_dim=dim if (need_weight and weight.dtype != torch.float32) else 0)
     acc = GradAccumulator(hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, chunks=-(-vocab // cols), rows=rows, cols=cols)
-    if not acc.any:
+    if not acc.any or n == 0 or vocab == 0:  # (no rows: the accumulator's gradients are zeros)
         return acc.result(bias)
-    if n == 0 or vocab == 0:
-        return _zero_grads(acc, bias)
     ops = _load_extension()
     inv_temp, cap = opts.transform.kernel_params()
     g = g_logp.to(torch.float32).contiguous()
@@ -297,10 +287,8 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
                                 acc_dim=dim if (need_weight and s_weight.dtype != torch.float32) else 0)
     acc = GradAccumulator(s_hidden, s_weight, s_bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias, chunks=-(-vocab // cols), rows=rows, cols=cols)
-    if not acc.any:
+    if not acc.any or n == 0 or vocab == 0:  # (no rows: the accumulator's gradients are zeros)
         return acc.result(s_bias)
-    if n == 0 or vocab == 0:
-        return _zero_grads(acc, s_bias)
     ops = _load_extension()
     pair = _Pair(s_hidden, s_weight, t_hidden, t_weight, cache, rows, cols, tdt)
     s_inv, s_cap = opts.student.kernel_params()
