@@ -10,9 +10,9 @@ truth| + floor; ``is_top1`` exactly, away from near-ties):
 * the registered ops ``torch.ops.fastpref.*`` on two vocabulary slices (``vocab_start``), merged as
   the vocabulary-parallel layer merges them (a sharded JSD takes its second call with the merged lse);
 
-each in fp32 / bf16, fp32 tiles and native bf16 tiles (FASTPREF_CUDA_LOGITS=native, dz in place),
-logits kept for the backward and recomputed, a whole-vocabulary tile and a split one (256 KiB
-workspace).  Exits 1 on any mismatch, 2 when no GPU is present.
+in fp32 / bf16, fp32 tiles and native bf16 tiles (FASTPREF_CUDA_LOGITS=native, dz in place), logits
+kept for the backward and recomputed, a whole-vocabulary tile and split ones (256 KiB workspace).
+Exits 1 on any mismatch, 2 when no GPU is present.
 """
 
 from __future__ import annotations
@@ -219,15 +219,17 @@ def main() -> int:
     print(f"extension ready in {time.perf_counter() - t0:.1f}s")
     g = torch.Generator().manual_seed(0)
     default_ws = fp.get_workspace_bytes()
-    # (tiles, keep logits, workspace): the cache is fp32 whatever the tiles; a 256 KiB workspace splits the
-    # vocabulary of the larger cases into several tiles (and rows into several row tiles)
-    configs = [("fp32", True, default_ws), ("fp32", False, default_ws), ("fp32", False, 2**18),
-               ("native", False, default_ws), ("native", False, 2**18)]
-    for logits_mode, keep, ws_bytes in configs:
+    # (tiles, keep logits, workspace, input dtypes): every kernel instantiation the host code launches (fp32 tiles
+    # with fp32 / bf16 dz, native bf16 tiles with dz in place), the cache (fp32 whatever the tiles), and a 256 KiB
+    # workspace that splits rows and vocabulary into several tiles; kept small for the sanitizer runs.
+    configs = [("fp32", True, default_ws, (torch.float32, torch.bfloat16)),
+               ("fp32", False, 2**18, (torch.float32, torch.bfloat16)),
+               ("native", False, 2**18, (torch.bfloat16,))]
+    for logits_mode, keep, ws_bytes, dtypes in configs:
         os.environ["FASTPREF_CUDA_LOGITS"] = logits_mode
         fp.set_keep_logits(keep)
         fp.set_workspace_bytes(ws_bytes)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             tag = (f"[{logits_mode} {'keep' if keep else 'recompute'} {'whole-V' if ws_bytes == default_ws else 'split-V'}"
                    f" {str(dtype)[6:]}]")
             logprobs_case(tag, 37, 40, 3001, dtype, g)
@@ -235,7 +237,7 @@ def main() -> int:
             sharded_logprobs_case(tag, 21, 24, 1001, dtype, g)
             for kind in ("forward_kl", "reverse_kl", "jsd"):
                 divergence_case(tag, 29, 24, 16, 2049, dtype, kind, g)
-                sharded_divergence_case(tag, 19, 16, 777, dtype, kind, g)
+            sharded_divergence_case(tag, 19, 16, 777, dtype, "jsd", g)  # the second call with the merged lse
     fp.set_workspace_bytes(default_ws)
     fp.set_keep_logits(True)
     os.environ.pop("FASTPREF_CUDA_LOGITS", None)

@@ -841,21 +841,34 @@ def gpu_tf32_off():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
 @pytest.mark.parametrize("case", GPU_LOGPROB_CASES, ids=[c[0] for c in GPU_LOGPROB_CASES])
-def test_gpu_contract_logprobs_matches_oracle(case, cache, shards, gen, gpu_tf32_off):
-    check_logprobs(cuda_ops.IMPL, case, gen, cache=cache, shards=shards, device="cuda")
+def test_gpu_contract_logprobs_matches_oracle(case, cache, gen, gpu_tf32_off):
+    check_logprobs(cuda_ops.IMPL, case, gen, cache=cache, device="cuda")
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("case", [GPU_LOGPROB_CASES[1], GPU_LOGPROB_CASES[-2]],
+                         ids=[GPU_LOGPROB_CASES[1][0], GPU_LOGPROB_CASES[-2][0]])
+def test_gpu_contract_logprobs_vocabulary_slices(case, gen, gpu_tf32_off):
+    check_logprobs(cuda_ops.IMPL, case, gen, cache=True, shards=3, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
-def test_gpu_contract_divergence_matches_oracle(case, kind, cache, shards, gen, gpu_tf32_off):
-    check_divergence(cuda_ops.IMPL, case, kind, gen, cache=cache, shards=shards, device="cuda")
+def test_gpu_contract_divergence_matches_oracle(case, kind, cache, gen, gpu_tf32_off):
+    check_divergence(cuda_ops.IMPL, case, kind, gen, cache=cache, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gpu_contract_divergence_vocabulary_slices(kind, gen, gpu_tf32_off):
+    check_divergence(cuda_ops.IMPL, DIVERGENCE_CASES[1], kind, gen, cache=True, shards=2, device="cuda")
 
 
 @pytest.mark.gpu

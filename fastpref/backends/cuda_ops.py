@@ -47,6 +47,7 @@ log = logging.getLogger("fastpref")
 
 # Indirection so tests can swap in a Python model of the four epilogue ops.
 _load_extension = cuda_build.load
+load = cuda_build.load  # build / load the extension eagerly (benchmarks/gpu_check.sh calls cuda_ops.load())
 
 _MM_OUT_DTYPE = ["dtype_out" in torch.ops.aten.mm.overloads()]  # [usable], cleared after a failure
 
