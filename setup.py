@@ -2,7 +2,7 @@
 
 ``FASTPREF_BUILD_CUDA=1 pip install .`` compiles ``csrc/`` into ``fastpref._C`` with ninja
 (``MAX_JOBS`` is respected) when a CUDA build of torch is present.  Without it the CUDA
-backend builds itself on first eager use (``fastpref.backends.cuda_ops``).
+backend builds itself on first eager use (``fastpref.backends.cuda_build``).
 """
 
 import glob

@@ -97,7 +97,9 @@ cudaError_t run_logprobs_grad(const LogprobsGradParams& p, cudaStream_t stream) 
 }
 
 cudaError_t run_divergence_fwd(const DivergenceFwdParams& p, cudaStream_t stream) {
-  if (bad_shape(p.rows, p.cols) || p.pass < 0 || p.pass > 1) return cudaErrorInvalidValue;
+  if (bad_shape(p.rows, p.cols) || p.pass < 0 || p.pass > 1 || (p.pass == 1 && p.lse == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.rows == 0) return cudaSuccess;
   switch (p.logits_dtype) {
     case DType::kFloat32: return launch_divergence_fwd<float>(p, stream);

@@ -1,9 +1,11 @@
 // epilogue.cuh: device code of the CUDA backend's fused logits epilogues (no torch headers).
-// cuBLAS writes one [rows x cols] logits tile; each kernel below then reads that tile once
+// cuBLAS writes one [rows x cols] tile of raw logits; each kernel below then reads that tile once
 // (one 256-thread block per row, 16-byte vector loads where the row is aligned) and does what
-// would otherwise be ~10 elementwise torch ops with as many tile round-trips: bias,
-// temperature, softcap, online log-sum-exp, target gather, entropy, the two-head KL / JSD
-// statistics, and in backward dz, written in place (or into a narrower dtype) for the GEMMs.
+// would otherwise be ~10 elementwise torch ops with as many tile round-trips: bias, scale,
+// softcap and temperature, then either the contract's partial row statistics of the tile's
+// vocabulary slice, merged into the running ones (forward: max, sum-exp, target, entropy,
+// sum p^2, sum z, max before the label; two heads' max / sum / KL cross term / student entropy,
+// JSD's KL sums), or dz, written in place (or into a narrower dtype) for the GEMMs (backward).
 #pragma once
 
 #include <cfloat>
@@ -94,116 +96,140 @@ __device__ __forceinline__ void zero_row(T* row, int n) {
 
 // ------------------------------------------------------------------ logits transform
 
+// The contract's transform (docs/design.md §2.1): z = cap * tanh((u + b) * inv_temp / cap), or
+// (u + b) * inv_temp without a softcap; its chain rule needs only z.
 struct Transform {
   const float* bias;
-  float inv_temperature;
-  float softcap;
-  float inv_softcap;
+  float inv_temp;
+  float cap;
+  float inv_cap;
+  float pre;  // the factor in front of (u + b): inv_temp / cap, or inv_temp
 
   __device__ __forceinline__ explicit Transform(const LogitsTransform& t)
       : bias(t.bias),
-        inv_temperature(t.inv_temperature),
-        softcap(t.softcap),
-        inv_softcap(t.softcap > 0.f ? 1.f / t.softcap : 0.f) {}
+        inv_temp(t.inv_temp),
+        cap(t.cap),
+        inv_cap(t.cap > 0.f ? 1.f / t.cap : 0.f),
+        pre(t.cap > 0.f ? t.inv_temp / t.cap : t.inv_temp) {}
 
-  // z = softcap * tanh(((u + b) / T) / softcap), from the raw GEMM value u of column j.
+  // z from the raw GEMM value u of column j.  Thread 0 recomputes the label's z with this same
+  // function, so the target compares bit-exactly with the row max (is_top1).
   __device__ __forceinline__ float operator()(float u, int j) const {
-    float z = bias != nullptr ? u + bias[j] : u;
-    z *= inv_temperature;
-    if (softcap > 0.f) z = softcap * tanhf(z * inv_softcap);
-    return z;
+    const float v = bias != nullptr ? u + bias[j] : u;
+    return cap > 0.f ? cap * tanhf(v * pre) : v * pre;
   }
 
-  // d loss / d u from d loss / d z at the transformed value z: (1 - (z / c)^2) / T.
+  // d loss / d u from d loss / d z at the transformed value z: inv_temp * (1 - (z / cap)^2).
   __device__ __forceinline__ float chain(float dz, float z) const {
-    if (softcap > 0.f) {
-      const float t = z * inv_softcap;
+    if (cap > 0.f) {
+      const float t = z * inv_cap;
       dz *= 1.f - t * t;
     }
-    return dz * inv_temperature;
+    return dz * inv_temp;
   }
 };
 
 // ------------------------------------------------------------------ reductions
 
-// Online log-sum-exp with one weighted side sum: after pushing (z_j, x_j) for all j,
-//   s = sum_j exp(z_j - m),  w = sum_j exp(z_j - m) * x_j,  m = max_j z_j.
-// m starts at -FLT_MAX (not -inf) so that exp(m_old - m_new) never computes -inf - (-inf).
-// A NaN z lands in the else branch and makes s NaN, so NaN inputs propagate.
-struct OnlineLse {
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// e^{m_old - m_new}, or 0 for an empty accumulator (s == 0, whose m may be -inf or -FLT_MAX).
+__device__ __forceinline__ float rescale(float s, float m_old, float m_new) {
+  return s > 0.f ? expf(m_old - m_new) : 0.f;
+}
+
+// A sum t = sum e^{z - m} (z - m) kept relative to the running max m (so that an entropy
+// log s - t / s never subtracts two large numbers): moving the max to m' makes it
+// r (t + (m - m') s), r = e^{m - m'}.
+__device__ __forceinline__ float shift_t(float t, float s, float r, float m_old, float m_new) {
+  return s > 0.f ? r * (t + (m_old - m_new) * s) : 0.f;
+}
+
+// The partial logprobs planes of one row over some columns (docs/design.md §3.2), relative to
+// their max m.  m starts at -FLT_MAX (not -inf) so that e^{m - z} of the first push is 0, never
+// e^{-inf - (-inf)}.  A NaN z lands in the else branch and makes s NaN: NaN inputs propagate.
+struct LpAcc {
+  float m;
+  float s;       // sum e^{z - m}
+  float t;       // sum e^{z - m} (z - m)  (entropy)
+  float q;       // sum e^{2 (z - m)}      (log_sum_sq_probs)
+  float zsum;    // sum z                  (mean_logits)
+  float before;  // max z before the label (is_top1)
+
+  __device__ __forceinline__ static LpAcc empty() { return {-FLT_MAX, 0.f, 0.f, 0.f, 0.f, neg_inf()}; }
+
+  __device__ __forceinline__ void push(float z, bool want_t, bool want_q) {
+    if (z > m) {
+      const float r = expf(m - z);
+      if (want_t) t = shift_t(t, s, r, m, z);  // the new element contributes (z - z) = 0
+      if (want_q) q = q * r * r + 1.f;
+      s = s * r + 1.f;
+      m = z;
+    } else {
+      const float d = z - m;
+      const float e = expf(d);
+      s += e;
+      if (want_t) t += e * d;
+      if (want_q) q += e * e;
+    }
+  }
+};
+
+__device__ __forceinline__ LpAcc merge(const LpAcc& a, const LpAcc& b) {
+  const float m = fmaxf(a.m, b.m);
+  const float ra = rescale(a.s, a.m, m);
+  const float rb = rescale(b.s, b.m, m);
+  return {m,
+          a.s * ra + b.s * rb,
+          shift_t(a.t, a.s, ra, a.m, m) + shift_t(b.t, b.s, rb, b.m, m),
+          a.q * ra * ra + b.q * rb * rb,
+          a.zsum + b.zsum,
+          fmaxf(a.before, b.before)};
+}
+
+__device__ __forceinline__ LpAcc shfl_xor(const LpAcc& a, int mask) {
+  return {__shfl_xor_sync(kFullMask, a.m, mask),    __shfl_xor_sync(kFullMask, a.s, mask),
+          __shfl_xor_sync(kFullMask, a.t, mask),    __shfl_xor_sync(kFullMask, a.q, mask),
+          __shfl_xor_sync(kFullMask, a.zsum, mask), __shfl_xor_sync(kFullMask, a.before, mask)};
+}
+
+// One divergence head's running max m, s = sum e^{z - m}, a side sum w = sum e^{z - m} x (the KL
+// cross term) and t = sum e^{z - m} (z - m) (the student entropy).
+struct HeadAcc {
   float m;
   float s;
   float w;
-
-  __device__ __forceinline__ static OnlineLse empty() { return {-FLT_MAX, 0.f, 0.f}; }
-
-  __device__ __forceinline__ void push(float z, float x) {
-    if (z > m) {
-      const float r = expf(m - z);
-      s = s * r + 1.f;
-      w = w * r + x;
-      m = z;
-    } else {
-      const float e = expf(z - m);
-      s += e;
-      w += e * x;
-    }
-  }
-
-  __device__ __forceinline__ float lse() const { return m + logf(s); }
-};
-
-__device__ __forceinline__ OnlineLse merge(const OnlineLse& a, const OnlineLse& b) {
-  const float m = fmaxf(a.m, b.m);
-  const float ra = expf(a.m - m);
-  const float rb = expf(b.m - m);
-  return {m, a.s * ra + b.s * rb, a.w * ra + b.w * rb};
-}
-
-__device__ __forceinline__ OnlineLse shfl_xor(const OnlineLse& a, int mask) {
-  return {__shfl_xor_sync(kFullMask, a.m, mask), __shfl_xor_sync(kFullMask, a.s, mask),
-          __shfl_xor_sync(kFullMask, a.w, mask)};
-}
-
-// Online log-sum-exp plus t = sum exp(z - m) * (z - m), kept relative to the running max m so that
-// the entropy log(s) - t / s never subtracts two large numbers (a confident row has lse ~ 50 and
-// entropy ~ 1e-3).  Moving the max from m to m' turns t into r * (t + (m - m') * s), r = e^{m - m'}.
-struct OnlineEnt {
-  float m;
-  float s;
   float t;
 
-  __device__ __forceinline__ static OnlineEnt empty() { return {-FLT_MAX, 0.f, 0.f}; }
+  __device__ __forceinline__ static HeadAcc empty() { return {-FLT_MAX, 0.f, 0.f, 0.f}; }
 
-  __device__ __forceinline__ void push(float z) {
+  __device__ __forceinline__ void push(float z, float x, bool want_t) {
     if (z > m) {
       const float r = expf(m - z);
-      t = r * (t + (s > 0.f ? (m - z) * s : 0.f));  // the new element contributes (z - z) = 0
+      if (want_t) t = shift_t(t, s, r, m, z);
+      w = w * r + x;
       s = s * r + 1.f;
       m = z;
     } else {
-      const float e = expf(z - m);
+      const float d = z - m;
+      const float e = expf(d);
       s += e;
-      t += e * (z - m);
+      w += e * x;
+      if (want_t) t += e * d;
     }
   }
-
-  __device__ __forceinline__ float lse() const { return m + logf(s); }
-  __device__ __forceinline__ float entropy() const { return logf(s) - t / s; }
 };
 
-__device__ __forceinline__ OnlineEnt merge(const OnlineEnt& a, const OnlineEnt& b) {
+__device__ __forceinline__ HeadAcc merge(const HeadAcc& a, const HeadAcc& b) {
   const float m = fmaxf(a.m, b.m);
-  const float ra = expf(a.m - m);
-  const float rb = expf(b.m - m);
-  const float ta = a.s > 0.f ? ra * (a.t + (a.m - m) * a.s) : 0.f;
-  const float tb = b.s > 0.f ? rb * (b.t + (b.m - m) * b.s) : 0.f;
-  return {m, a.s * ra + b.s * rb, ta + tb};
+  const float ra = rescale(a.s, a.m, m);
+  const float rb = rescale(b.s, b.m, m);
+  return {m, a.s * ra + b.s * rb, a.w * ra + b.w * rb, shift_t(a.t, a.s, ra, a.m, m) + shift_t(b.t, b.s, rb, b.m, m)};
 }
 
-__device__ __forceinline__ OnlineEnt shfl_xor(const OnlineEnt& a, int mask) {
+__device__ __forceinline__ HeadAcc shfl_xor(const HeadAcc& a, int mask) {
   return {__shfl_xor_sync(kFullMask, a.m, mask), __shfl_xor_sync(kFullMask, a.s, mask),
-          __shfl_xor_sync(kFullMask, a.t, mask)};
+          __shfl_xor_sync(kFullMask, a.w, mask), __shfl_xor_sync(kFullMask, a.t, mask)};
 }
 
 struct Sum2 {
@@ -242,19 +268,34 @@ __device__ __forceinline__ float log_add_exp(float a, float b) {
 
 // ------------------------------------------------------------------ linear_logprobs forward
 //
-// Traffic: reads the tile once (rows * cols * sizeof(Tz)), writes O(rows) floats.
-// Per element: 1 exp (plus 1 more when the running max moves), 1-2 FMAs, tanh with softcap.
+// Folds one tile into the row's partial statistics (docs/design.md §3.2): the tile's own planes
+// by an online pass, then one merge with what earlier tiles of the row left in `stats` (thread 0).
+// Labels are global ids: the target is added if the label falls in this tile's columns, and
+// "before the label" means global column < label.  Masking of ignored / invalid rows happens
+// when the host finishes the merged statistics (contract.finish_logprobs).
+// Traffic: reads the tile once (rows * cols * sizeof(Tz)), reads and writes 7 floats per row.
+// Per element: 1 exp (plus 1 more when the running max moves), 1-4 FMAs, tanh with a softcap.
 
 template <typename Tz, int VEC>
 __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFwdParams p) {
-  __shared__ OnlineEnt smem[kWarps];
+  __shared__ LpAcc smem[kWarps];
   const int64_t row = blockIdx.x;
   const Tz* z = static_cast<const Tz*>(p.logits) + row * p.logits_row_stride;
   const Transform tf(p.tf);
-  const bool with_entropy = p.entropy != nullptr;
+  const bool want_t = (p.want & kWantEntropy) != 0;
+  const bool want_q = (p.want & kWantSumSq) != 0;
+  const bool want_zsum = (p.want & kWantZsum) != 0;
+  const bool want_before = (p.want & kWantBefore) != 0;
+  const int64_t local = p.labels[row] - p.col0;  // the label's column in this tile, if it is here
+  const int before_end = static_cast<int>(local < 0 ? 0 : (local > p.cols ? p.cols : local));
 
-  OnlineEnt acc = OnlineEnt::empty();
-  auto visit = [&](int j, float u) { acc.push(tf(u, j)); };
+  LpAcc acc = LpAcc::empty();
+  auto visit = [&](int j, float u) {
+    const float zj = tf(u, j);
+    acc.push(zj, want_t, want_q);
+    if (want_zsum) acc.zsum += zj;
+    if (want_before && j < before_end) acc.before = fmaxf(acc.before, zj);
+  };
   const int head = vector_head<VEC>(true, phase_of<Tz, VEC>(z), p.cols);
   sweep_row<VEC>(
       p.cols, head, [&](int j) { visit(j, to_float(z[j])); },
@@ -266,35 +307,28 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(const LogprobsFw
   acc = block_allreduce(acc, smem);
   if (threadIdx.x != 0) return;
 
-  const int64_t label = p.labels[row];
-  const int64_t local = label - p.col0;  // the target's column in this tile, if it is here
-  float target = (local >= 0 && local < p.cols) ? tf(to_float(z[local]), static_cast<int>(local)) : 0.f;
-  float* state = p.first_tile && p.last_tile ? nullptr : p.state + row * kLogprobsStateWidth;
-  if (!p.first_tile) {
-    acc = merge(OnlineEnt{state[0], state[1], state[2]}, acc);
-    target += state[3];
-  }
-  if (!p.last_tile) {
-    state[0] = acc.m;
-    state[1] = acc.s;
-    state[2] = acc.t;
-    state[3] = target;
-    return;
-  }
-  const float lse = acc.lse();
-  p.lse[row] = lse;
-  const bool keep = label != p.ignore_index;
-  const bool in_range = label >= 0 && label < p.vocab;
-  p.logp[row] = keep ? (in_range ? target - lse : quiet_nan()) : 0.f;
-  if (with_entropy) p.entropy[row] = keep ? (in_range ? acc.entropy() : quiet_nan()) : 0.f;
+  float* st = p.stats + row;
+  const int64_t ps = p.plane_stride;
+  const LpAcc old{st[kLpMax * ps], st[kLpSum * ps],  st[kLpEnt * ps],
+                  st[kLpSq * ps],  st[kLpZsum * ps], st[kLpBefore * ps]};
+  const LpAcc out = merge(old, acc);
+  st[kLpMax * ps] = out.m;
+  st[kLpSum * ps] = out.s;
+  // Planes not asked for keep their values (their merges would rescale what was never accumulated).
+  if (want_t) st[kLpEnt * ps] = out.t;
+  if (want_q) st[kLpSq * ps] = out.q;
+  if (want_zsum) st[kLpZsum * ps] = out.zsum;
+  if (want_before) st[kLpBefore * ps] = out.before;
+  if (local >= 0 && local < p.cols) st[kLpTarget * ps] += tf(to_float(z[local]), static_cast<int>(local));
 }
 
 // ------------------------------------------------------------------ linear_logprobs backward
 //
-// dz_j = g (1[j == y] - p_j) - g_ent p_j (z_j - sum_k p_k z_k), chained through softcap and
-// temperature; p_j = exp(z_j - lse) from the forward's lse, so every tile is independent.
-// Traffic: reads the tile once, writes dz once (in place when the dtypes match).
-// No __restrict__: logits and dz may be the same memory.  Each element is read and then
+// dz_j = g (1[j == y] - p_j) - g_ent p_j (z_j - sum_k p_k z_k), chained through the transform;
+// p_j = exp(z_j - lse) from the forward's merged lse, so every tile is independent.  The upstream
+// gradients arrive masked (0 on ignored rows, NaN on invalid labels): a row with g = g_ent = 0
+// only zeroes its dz.  Traffic: reads the tile once, writes dz once (in place when the dtypes
+// match).  No __restrict__: logits and dz may be the same memory.  Each element is read and then
 // written by the same thread (a whole Pack is loaded before it is stored), so in place is safe.
 
 template <typename Tz, typename Tdz, int VEC>
@@ -302,18 +336,16 @@ __global__ void __launch_bounds__(kThreads) logprobs_grad_kernel(const LogprobsG
   const int64_t row = blockIdx.x;
   const Tz* z = static_cast<const Tz*>(p.logits) + row * p.logits_row_stride;
   Tdz* dz = static_cast<Tdz*>(p.dz) + row * p.dz_row_stride;
-  const int64_t label = p.labels[row];
-  if (label == p.ignore_index) {  // uniform across the block; this kernel has no barrier
+  const float g = p.grad_logp[row];
+  const float ge = p.grad_entropy != nullptr ? p.grad_entropy[row] : 0.f;
+  if (g == 0.f && ge == 0.f) {  // uniform across the block; this kernel has no barrier
     zero_row<Tdz, VEC>(dz, p.cols);
     return;
   }
   const Transform tf(p.tf);
-  const bool in_range = label >= 0 && label < p.vocab;
-  const float g = in_range ? p.grad_logp[row] : quiet_nan();
-  const float ge = p.grad_entropy != nullptr ? p.grad_entropy[row] : 0.f;
   const float lse = p.lse[row];
   const float mean_z = p.grad_entropy != nullptr ? lse - p.entropy[row] : 0.f;  // sum_k p_k z_k
-  const int64_t local = label - p.col0;
+  const int64_t local = p.labels[row] - p.col0;
 
   auto grad_at = [&](int j, float u) -> float {
     const float zj = tf(u, j);
@@ -336,15 +368,16 @@ __global__ void __launch_bounds__(kThreads) logprobs_grad_kernel(const LogprobsG
 
 // ------------------------------------------------------------------ linear_divergence forward
 //
-// Pass 0 streams both heads: online (max, sum) per head plus the KL cross term
-//   forward KL: w_t = sum exp(zt - mt) (zt - zs);   reverse KL: w_s = sum exp(zs - ms) (zs - zt),
-// so KL = w / s - lse_own + lse_other.  JSD needs both lse first: pass 1 re-reads the tiles
-// (still in the workspace when the vocabulary fits one tile) and sums KL(pt||m), KL(ps||m).
-// Traffic per pass: reads both tiles once, writes O(rows) floats.
+// Pass 0 streams both heads and folds the tile into the online planes (docs/design.md §3.3):
+// each head's (max, sum), the KL cross term (forward KL: sum e^{zt - mt} (zt - zs) on the
+// teacher's scale; reverse KL: sum e^{zs - ms} (zs - zt) on the student's) and, on request, the
+// student entropy term.  JSD needs both log-sum-exps of the whole vocabulary first: pass 1 takes
+// them (`lse`, merged by the host, possibly across ranks) and adds the tile's KL(pt||m) and
+// KL(ps||m) sums.  Traffic per pass: reads both tiles once, reads and writes a few floats per row.
 
 template <typename Tz, int VEC>
 __global__ void __launch_bounds__(kThreads) divergence_fwd_kernel(const DivergenceFwdParams p) {
-  __shared__ OnlineLse smem_lse[kWarps];
+  __shared__ HeadAcc smem_head[kWarps];
   __shared__ Sum2 smem_sum[kWarps];
   const int64_t row = blockIdx.x;
   const Tz* zs = static_cast<const Tz*>(p.s_logits) + row * p.s_row_stride;
@@ -353,9 +386,8 @@ __global__ void __launch_bounds__(kThreads) divergence_fwd_kernel(const Divergen
   const Transform tft(p.t_tf);
   const int phase = phase_of<Tz, VEC>(zs);
   const int head = vector_head<VEC>(phase == phase_of<Tz, VEC>(zt), phase, p.cols);
-  float* state = p.first_tile && p.last_tile ? nullptr : p.state + row * kDivergenceStateWidth;
-  float* stats = p.stats + row * 3;
-  const bool keep = p.labels == nullptr || p.labels[row] != p.ignore_index;
+  float* st = p.stats + row;
+  const int64_t ps = p.plane_stride;
 
   // visit(j, us, ut) for every column, vectorised over both tiles.
   auto sweep = [&](auto&& visit) {
@@ -372,49 +404,32 @@ __global__ void __launch_bounds__(kThreads) divergence_fwd_kernel(const Divergen
   if (p.pass == 0) {
     const bool fkl = p.kind == kForwardKl;
     const bool rkl = p.kind == kReverseKl;
-    OnlineLse as = OnlineLse::empty();
-    OnlineLse at = OnlineLse::empty();
+    const bool want_t = p.want_entropy;
+    HeadAcc as = HeadAcc::empty();
+    HeadAcc at = HeadAcc::empty();
     sweep([&](int j, float us, float ut) {
       const float s = tfs(us, j);
       const float t = tft(ut, j);
-      as.push(s, rkl ? s - t : 0.f);
-      at.push(t, fkl ? t - s : 0.f);
+      as.push(s, rkl ? s - t : 0.f, want_t);
+      at.push(t, fkl ? t - s : 0.f, false);
     });
-    as = block_allreduce(as, smem_lse);
-    at = block_allreduce(at, smem_lse);  // smem_lse is free again after the first call
+    as = block_allreduce(as, smem_head);
+    at = block_allreduce(at, smem_head);  // smem_head is free again after the first call
     if (threadIdx.x != 0) return;
-    if (!p.first_tile) {
-      as = merge(OnlineLse{state[0], state[1], state[2]}, as);
-      at = merge(OnlineLse{state[3], state[4], state[5]}, at);
-    }
-    if (!p.last_tile) {
-      state[0] = as.m;
-      state[1] = as.s;
-      state[2] = as.w;
-      state[3] = at.m;
-      state[4] = at.s;
-      state[5] = at.w;
-      return;
-    }
-    const float lse_s = as.lse();
-    const float lse_t = at.lse();
-    stats[0] = lse_s;
-    stats[1] = lse_t;
-    if (fkl) {
-      const float kl = at.w / at.s - lse_t + lse_s;
-      stats[2] = 0.f;
-      p.div[row] = keep ? kl : 0.f;
-    } else if (rkl) {
-      const float kl = as.w / as.s - lse_s + lse_t;
-      stats[2] = kl;  // the backward's softmax chain rule needs it
-      p.div[row] = keep ? kl : 0.f;
-    }
-    return;  // JSD: pass 1 writes div and stats[2]
+    const float cross = st[kDvCross * ps];
+    const HeadAcc s_out = merge(HeadAcc{st[kDvSmax * ps], st[kDvSsum * ps], rkl ? cross : 0.f, st[kDvSent * ps]}, as);
+    const HeadAcc t_out = merge(HeadAcc{st[kDvTmax * ps], st[kDvTsum * ps], fkl ? cross : 0.f, 0.f}, at);
+    st[kDvSmax * ps] = s_out.m;
+    st[kDvSsum * ps] = s_out.s;
+    if (want_t) st[kDvSent * ps] = s_out.t;  // planes not asked for keep their values
+    st[kDvTmax * ps] = t_out.m;
+    st[kDvTsum * ps] = t_out.s;
+    if (fkl || rkl) st[kDvCross * ps] = fkl ? t_out.w : s_out.w;
+    return;
   }
 
-  // pass 1 (JSD): lse_s, lse_t were written by pass 0 (an earlier launch on the same stream).
-  const float lse_s = stats[0];
-  const float lse_t = stats[1];
+  const float lse_s = p.lse[2 * row];
+  const float lse_t = p.lse[2 * row + 1];
   Sum2 acc{0.f, 0.f};
   sweep([&](int j, float us, float ut) {
     const float log_ps = tfs(us, j) - lse_s;
@@ -425,25 +440,15 @@ __global__ void __launch_bounds__(kThreads) divergence_fwd_kernel(const Divergen
   });
   acc = block_allreduce(acc, smem_sum);
   if (threadIdx.x != 0) return;
-  if (!p.first_tile) {
-    acc.a += state[6];
-    acc.b += state[7];
-  }
-  if (!p.last_tile) {
-    state[6] = acc.a;
-    state[7] = acc.b;
-    return;
-  }
-  stats[2] = acc.b;
-  const float jsd = p.beta * acc.a + (1.f - p.beta) * acc.b;
-  p.div[row] = keep ? jsd : 0.f;
+  st[kDvKlt * ps] += acc.a;
+  st[kDvKls * ps] += acc.b;
 }
 
 // ------------------------------------------------------------------ linear_divergence backward
 //
 // d div / d zs:  forward KL  ps - pt;   reverse KL  ps (log ps - log pt - RKL);
-// JSD  (1 - beta) ps (log ps - log m - KL(ps||m)); times the upstream grad, chained through the
-// student's softcap and temperature.  Traffic: reads both tiles once, writes dz once.
+// JSD  (1 - beta) ps (log ps - log m - KL(ps||m)); times the (masked) upstream grad, chained
+// through the student's transform.  Traffic: reads both tiles once, writes dz once.
 
 template <typename Tz, typename Tdz, int VEC>
 __global__ void __launch_bounds__(kThreads) divergence_grad_kernel(const DivergenceGradParams p) {
@@ -451,18 +456,18 @@ __global__ void __launch_bounds__(kThreads) divergence_grad_kernel(const Diverge
   const Tz* zs = static_cast<const Tz*>(p.s_logits) + row * p.s_row_stride;
   const Tz* zt = static_cast<const Tz*>(p.t_logits) + row * p.t_row_stride;
   Tdz* dz = static_cast<Tdz*>(p.dz) + row * p.dz_row_stride;  // may alias zs
-  if (p.labels != nullptr && p.labels[row] == p.ignore_index) {  // uniform; no barrier below
+  const float g = p.grad[row];
+  if (g == 0.f) {  // an ignored row (uniform across the block; no barrier below)
     zero_row<Tdz, VEC>(dz, p.cols);
     return;
   }
   const Transform tfs(p.s_tf);
   const Transform tft(p.t_tf);
-  const float g = p.grad[row];
-  const float lse_s = p.stats[row * 3 + 0];
-  const float lse_t = p.stats[row * 3 + 1];
-  const float aux = p.stats[row * 3 + 2];
+  const float lse_s = p.saved[row * 3 + 0];
+  const float lse_t = p.saved[row * 3 + 1];
+  const float aux = p.saved[row * 3 + 2];
   const int kind = p.kind;
-  const float g_jsd = g * (1.f - p.beta);
+  const float g_jsd = g * p.one_minus_beta;
 
   auto grad_at = [&](int j, float us, float ut) -> float {
     const float s = tfs(us, j);

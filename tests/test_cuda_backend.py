@@ -1,14 +1,22 @@
-"""The CUDA C++ backend (csrc/ + fastpref/backends/cuda_ops.py).
+"""The CUDA C++ backend (csrc/ + fastpref/backends/cuda_build.py + cuda_ops.py).
 
-Runs everywhere: ``nvcc -c`` of the device code (no torch headers) for sm_80 / sm_90; the
-backend's "why not" on CPU; the op schemas of csrc/fastpref_api.cpp under ``opcheck`` with a
-Python model of the four epilogue kernels as their CPU kernel; and the chunking / GEMM /
-accumulation logic of cuda_ops.py against the fp64 oracle with that model standing in for the
-kernels (split vocabulary, split rows, bf16 tiles, every divergence kind).
+Runs everywhere:
+* ``nvcc -c`` of the device code (no torch headers) for sm_80 / sm_90 with warnings as errors, and
+  its ``ptxas -v`` report: no spills, no stack, registers and shared memory within the SM's limits;
+* the backend's "why not" on CPU; the statistic planes of csrc/fastpref_params.h against the contract;
+* the op schemas of csrc/fastpref_api.cpp under ``opcheck`` with a Python model of the four epilogue
+  kernels as their CPU kernel;
+* the tiling of cuda_ops.py (the contract's four functions) against the fp64 oracle with that model
+  standing in for the kernels: every output (logp, entropy, log_sum_sq_probs, mean_logits, is_top1
+  incl. ties, the divergences and the student entropy, all gradients), split rows and vocabulary,
+  vocabulary slices merged as the vocabulary-parallel layer merges them (sharded JSD included),
+  per-head transforms, the logits cache and the recompute path; and the registered ops and the
+  public API with ``backend="cuda"`` on CPU tensors (the model in place of the extension).
 
-Runs on a GPU only (``-m gpu``): the real kernels against the same model on odd shapes,
-strides and alignments; ``opcheck`` of the real ops; the public API with ``backend="cuda"``
-against the oracle (the accuracy rule of docs/design.md §6).
+Runs on a GPU only (``-m gpu``): the real kernels against the model on odd shapes, strides and
+alignments; ``opcheck`` of the real epilogue ops and of ``torch.ops.fastpref.*`` with the backend
+choice ``"cuda"``; the contract and the public API against the oracle (the accuracy rule of
+docs/design.md §6); ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,19 +37,23 @@ from conftest import assert_accurate as _assert_accurate
 from conftest import floor_for, make_head, make_labels
 
 import fastpref as fp
+from fastpref import backends
 from fastpref import reference as ref
-from fastpref.backends import cuda_ops
+from fastpref.backends import contract as C
+from fastpref.backends import cuda_build, cuda_ops, tiling
 
-CSRC = cuda_ops.csrc_dir()
-KINDS = {"forward_kl": cuda_ops.FORWARD_KL, "reverse_kl": cuda_ops.REVERSE_KL, "jsd": cuda_ops.JSD}
+CSRC = cuda_build.csrc_dir()
+KINDS = {"forward_kl": C.Kind.FORWARD_KL, "reverse_kl": C.Kind.REVERSE_KL, "jsd": C.Kind.JSD}
 HAS_GPU = torch.version.cuda is not None and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA build of torch and a CUDA GPU")
+EXTRAS = C.EXTRA_OUTPUTS  # entropy, log_sum_sq_probs, mean_logits, is_top1
 
 
 @contextlib.contextmanager
 def workspace(nbytes):
     old = fp.get_workspace_bytes()
-    fp.set_workspace_bytes(nbytes)
+    if nbytes:
+        fp.set_workspace_bytes(nbytes)
     try:
         yield
     finally:
@@ -50,7 +63,7 @@ def workspace(nbytes):
 def assert_accurate(name, out, naive, truth, dtype):
     """The accuracy rule (docs/design.md §6); a bf16/fp16 *output* also gets one ulp of its own dtype on the floor
     (a correctly rounded result may sit a full ulp from the truth when naive was lucky)."""
-    if dtype in (torch.bfloat16, torch.float16) and truth.numel():
+    if dtype in (torch.bfloat16, torch.float16) and truth.numel() and out.dtype == dtype:
         scale = truth.abs().max().item()
         ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(scale, 1e-30)))
         err = (out.double() - truth.double()).abs().max().item()
@@ -60,26 +73,70 @@ def assert_accurate(name, out, naive, truth, dtype):
         assert torch.isfinite(out).all(), f"{name}: non-finite output"
         assert err <= bound, f"{name}: err {err:.3e} > bound {bound:.3e} (naive err {err_naive:.3e})"
         return
-    _assert_accurate(name, out, naive, truth, dtype)
+    _assert_accurate(name, out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, naive, truth, dtype)
 
 
 # =========================================================================== compile-only (no GPU)
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvcc_compiles_epilogue(arch, tmp_path):
-    """csrc/epilogue.cu (no torch headers) compiles for the GPUs we ship to."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def device_build(request, tmp_path_factory):
+    """csrc/epilogue.cu compiled once per architecture with the build's flags and ``-Xptxas -v``."""
+    if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found")
-    cmd = [
-        nvcc, "-std=c++17", "-O3", "--use_fast_math", "-lineinfo", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-        "-Werror", "all-warnings", "-c", str(CSRC / "epilogue.cu"), "-o", str(tmp_path / f"epilogue_{arch}.o"),
-    ]
+    arch = request.param
+    cmd = cuda_build.nvcc_command(arch, tmp_path_factory.mktemp("nvcc") / f"epilogue_{arch}.o", ptxas_verbose=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    print(f"{' '.join(cmd)}\n-> rc={proc.returncode} in {time.perf_counter() - t0:.1f}s")
-    assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(arch=arch, cmd=cmd, proc=proc, seconds=time.perf_counter() - t0)
+
+
+def test_nvcc_compiles_epilogue(device_build):
+    """The device code (no torch headers) compiles for the GPUs we ship to, warnings as errors."""
+    b = device_build
+    print(f"{' '.join(b.cmd)}\n-> rc={b.proc.returncode} in {b.seconds:.1f}s")
+    assert b.proc.returncode == 0, f"nvcc failed:\n{b.proc.stderr}"
+    assert "-use_fast_math" not in " ".join(b.cmd) and "--use_fast_math" not in " ".join(b.cmd)
+
+
+EXPECTED_KERNELS = 3 + 5 + 3 + 5  # forward per tile dtype; backward per (tile, dz) dtype pair (csrc/epilogue.cu)
+
+
+def test_ptxas_no_spills_and_within_sm_limits(device_build):
+    """Every kernel: no spills, no stack frame, registers within the launch bounds' limit (65536 / 256
+    threads), static shared memory within 48 KiB.  Prints the table benchmarks/ptxas_cuda.py records."""
+    b = device_build
+    assert b.proc.returncode == 0, b.proc.stderr
+    rows = cuda_build.parse_ptxas(b.proc.stderr)
+    print(f"\n{'kernel':<52} {'arch':<6} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>5}")
+    for r in rows:
+        print(f"{cuda_build.short_kernel_name(r.kernel):<52} {r.arch:<6} {r.registers:>4} "
+              f"{r.spill_stores:>5}/{r.spill_loads:<5} {r.stack:>5} {r.smem:>5}")
+    assert len(rows) == EXPECTED_KERNELS and {r.arch for r in rows} == {b.arch}, [r.kernel for r in rows]
+    for r in rows:
+        name = cuda_build.short_kernel_name(r.kernel)
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{name} spills on {r.arch}: {r}"
+        assert r.stack == 0, f"{name} uses a stack frame on {r.arch}: {r}"
+        assert 0 < r.registers <= 65536 // 256, f"{name}: {r.registers} registers on {r.arch}"
+        assert r.smem <= 48 * 1024, f"{name}: {r.smem} bytes of shared memory on {r.arch}"
+
+
+def test_parse_ptxas_reads_a_report():
+    """The parser on a report in ptxas' format (so the test above cannot pass on an unparsed report)."""
+    text = """ptxas info    : Compiling entry function '_ZN8fastpref8epilogue19logprobs_fwd_kernelIfLi4EEEvNS_17LogprobsFwdParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN8fastpref8epilogue19logprobs_fwd_kernelIfLi4EEEvNS_17LogprobsFwdParamsE
+    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 192 bytes smem, 456 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN8fastpref8epilogue20logprobs_grad_kernelIffLi4EEEvNS_18LogprobsGradParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN8fastpref8epilogue20logprobs_grad_kernelIffLi4EEEvNS_18LogprobsGradParamsE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 33 registers, used 0 barriers, 480 bytes cmem[0]
+"""
+    rows = cuda_build.parse_ptxas(text)
+    assert [(r.registers, r.spill_stores, r.spill_loads, r.stack, r.smem) for r in rows] == [(40, 12, 16, 8, 192),
+                                                                                              (33, 0, 0, 0, 0)]
+    if shutil.which("c++filt"):
+        assert cuda_build.short_kernel_name(rows[0].kernel) == "logprobs_fwd_kernel<fp32, 4>"
 
 
 @pytest.mark.slow
@@ -109,9 +166,20 @@ def test_host_api_compiles_against_torch_headers(tmp_path):
 
 def test_cuda_backend_reports_why_not_on_cpu():
     reason = fp.available_backends(torch.device("cpu"))["cuda"]
-    assert isinstance(reason, str) and reason, reason
+    assert isinstance(reason, str) and "CUDA tensors" in reason, reason
     with pytest.raises(RuntimeError, match="cuda"):
         fp.linear_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), backend="cuda")
+
+
+def test_cuda_backend_supports_the_whole_contract():
+    """Nothing is routed away from the CUDA backend any more (float64 goes to torch in dispatch)."""
+    lp = C.LogprobsOptions(entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True, vocab_start=5,
+                           vocab_size=100)
+    dv = C.DivergenceOptions(kind=C.Kind.JSD, entropy=True, student=C.Transform(1.0, 3.0, 2.0),
+                             teacher=C.Transform(1.0, None, 0.5))
+    for op, opts in (("logprobs", lp), ("divergence", dv)):
+        for sharded in (False, True):
+            assert cuda_ops.unsupported(op, opts, sharded) is None
 
 
 def test_csrc_files_open_with_a_summary():
@@ -124,156 +192,136 @@ def test_csrc_files_open_with_a_summary():
             ), f"{name} must not include torch headers"
 
 
+def test_params_header_matches_the_contract():
+    """The plane indices, kinds and kWant bits of csrc/fastpref_params.h are the contract's."""
+    consts = {k: int(v) for k, v in re.findall(r"constexpr int(?:32_t)? (k\w+) = (\d+);",
+                                               (CSRC / "fastpref_params.h").read_text())}
+    expect = {"kLpMax": C.LP_MAX, "kLpSum": C.LP_SUM, "kLpTarget": C.LP_TARGET, "kLpEnt": C.LP_ENT,
+              "kLpSq": C.LP_SQ, "kLpZsum": C.LP_ZSUM, "kLpBefore": C.LP_BEFORE, "kLpPlanes": C.LP_PLANES,
+              "kDvSmax": C.DV_SMAX, "kDvSsum": C.DV_SSUM, "kDvTmax": C.DV_TMAX, "kDvTsum": C.DV_TSUM,
+              "kDvCross": C.DV_CROSS, "kDvSent": C.DV_SENT, "kDvKlt": C.DV_KLT, "kDvKls": C.DV_KLS,
+              "kDvPlanes": C.DV_PLANES, "kForwardKl": int(C.Kind.FORWARD_KL), "kReverseKl": int(C.Kind.REVERSE_KL),
+              "kJsd": int(C.Kind.JSD)}
+    assert {k: consts.get(k) for k in expect} == expect
+    for flag, bit in (("entropy", "kWantEntropy"), ("log_sum_sq_probs", "kWantSumSq"), ("mean_logits", "kWantZsum"),
+                      ("is_top1", "kWantBefore")):
+        assert cuda_ops._want(C.LogprobsOptions(**{flag: True})) == consts[bit], flag
+
+
 # =========================================================================== a Python model of the kernels
 #
-# Same contract as the fastpref_cuda ops (csrc/fastpref_api.cpp): same arguments, writes into the
-# same (a!) tensors, fp32 math.  Written from the kernel specification, with torch ops.
+# Same contract as the fastpref_cuda ops (csrc/fastpref_api.cpp): same arguments, writes into the same
+# (a!) tensors, fp32 math.  Written from the kernel specification (csrc/fastpref_params.h,
+# csrc/epilogue.cuh) with torch ops: each forward computes its tile's partial planes and merges them
+# into the running statistics the way the contract merges slices.
 
 
-def _transform(u, bias, temperature, softcap):
-    z = u.float()
+def _transform(u, bias, inv_temp, cap):
+    v = u.float()
     if bias is not None:
-        z = z + bias
-    z = z * (1.0 / temperature)
-    if softcap > 0:
-        z = softcap * torch.tanh(z * (1.0 / softcap))
-    return z
+        v = v + bias
+    return cap * torch.tanh(v * (inv_temp / cap)) if cap is not None else v * inv_temp
 
 
-def _chain(d, z, temperature, softcap):
-    if softcap > 0:
-        d = d * (1.0 - (z * (1.0 / softcap)) ** 2)
-    return d * (1.0 / temperature)
+def _chain(d, z, inv_temp, cap):
+    if cap is not None:
+        d = d * (1.0 - (z * (1.0 / cap)) ** 2)
+    return d * inv_temp
 
 
-def _online(z, x):
-    m = z.amax(1)
-    e = torch.exp(z - m[:, None])
-    return m, e.sum(1), (e * x).sum(1)
-
-
-def _merge(a, b):
-    m = torch.maximum(a[0], b[0])
-    ra, rb = torch.exp(a[0] - m), torch.exp(b[0] - m)
-    return m, a[1] * ra + b[1] * rb, a[2] * ra + b[2] * rb
-
-
-def _online_ent(z):
-    """(max, sum e^{z-m}, sum e^{z-m} (z-m)): the logprobs state, centred on the row max."""
-    m = z.amax(1)
-    d = z - m[:, None]
-    e = torch.exp(d)
-    return m, e.sum(1), (e * d).sum(1)
-
-
-def _merge_ent(a, b):
-    m = torch.maximum(a[0], b[0])
-    ra, rb = torch.exp(a[0] - m), torch.exp(b[0] - m)
-    ta = torch.where(a[1] > 0, ra * (a[2] + (a[0] - m) * a[1]), torch.zeros_like(m))
-    tb = torch.where(b[1] > 0, rb * (b[2] + (b[0] - m) * b[1]), torch.zeros_like(m))
-    return m, a[1] * ra + b[1] * rb, ta + tb
-
-
-def _nan_like(t):
-    return torch.full_like(t, float("nan"))
-
-
-def emu_logprobs_stats_fwd(logits, labels, bias, state, logp, entropy, lse, col0, vocab, ignore_index, temperature,
-                           softcap, first_tile, last_tile):
-    z = _transform(logits, bias, temperature, softcap)
-    cols = z.shape[1]
-    acc = _online_ent(z)
+def _local(labels, col0, cols):
     local = labels - col0
     inside = (local >= 0) & (local < cols)
-    target = torch.where(inside, z.gather(1, local.clamp(0, cols - 1)[:, None])[:, 0], torch.zeros_like(acc[0]))
-    if not first_tile:
-        acc = _merge_ent((state[:, 0], state[:, 1], state[:, 2]), acc)
-        target = target + state[:, 3]
-    if not last_tile:
-        state.copy_(torch.stack([acc[0], acc[1], acc[2], target], 1))
-        return
-    lse_v = acc[0] + torch.log(acc[1])
-    lse.copy_(lse_v)
-    keep, in_range = labels != ignore_index, (labels >= 0) & (labels < vocab)
-    zero = torch.zeros_like(lse_v)
-    logp.copy_(torch.where(keep, torch.where(in_range, target - lse_v, _nan_like(lse_v)), zero))
-    if entropy.numel():
-        ent = torch.log(acc[1]) - acc[2] / acc[1]
-        entropy.copy_(torch.where(keep, torch.where(in_range, ent, _nan_like(ent)), zero))
+    return local, inside, local.clamp(0, cols - 1)
 
 
-def emu_logprobs_grad_tile(logits, dz_out, labels, bias, grad_logp, grad_entropy, lse, entropy, col0, vocab,
-                           ignore_index, temperature, softcap):
-    z = _transform(logits, bias, temperature, softcap)
+def emu_logprobs_stats_fwd(logits, labels, bias, stats, col0, inv_temp, cap, want):
+    z = _transform(logits, bias, inv_temp, cap)
+    rows, cols = z.shape
+    local, inside, safe = _local(labels, col0, cols)
+    m = z.amax(1)
+    d = z - m[:, None]
+    e = d.exp()
+    tile = C.empty_logprobs_stats(rows, z)
+    tile[C.LP_MAX], tile[C.LP_SUM] = m, e.sum(1)
+    tile[C.LP_TARGET] = torch.where(inside, z.gather(1, safe[:, None])[:, 0], torch.zeros_like(m))
+    if want & 1:
+        tile[C.LP_ENT] = (e * d).sum(1)
+    if want & 2:
+        tile[C.LP_SQ] = (e * e).sum(1)
+    if want & 4:
+        tile[C.LP_ZSUM] = z.sum(1)
+    if want & 8:
+        before = torch.arange(cols)[None, :] < local[:, None]
+        tile[C.LP_BEFORE] = z.masked_fill(~before, float("-inf")).amax(1)
+    merged = C.merge_logprobs(torch.stack([stats, tile]))
+    for bit, plane in ((1, C.LP_ENT), (2, C.LP_SQ), (4, C.LP_ZSUM), (8, C.LP_BEFORE)):
+        if not want & bit:  # planes not asked for keep their values
+            merged[plane] = stats[plane]
+    stats.copy_(merged)
+
+
+def emu_logprobs_grad_tile(logits, dz_out, labels, bias, grad_logp, grad_entropy, lse, entropy, col0, inv_temp, cap):
+    z = _transform(logits, bias, inv_temp, cap)
     cols = z.shape[1]
-    keep, in_range = labels != ignore_index, (labels >= 0) & (labels < vocab)
-    g = torch.where(in_range, grad_logp, _nan_like(grad_logp))[:, None]
+    g = grad_logp[:, None]
     p = torch.exp(z - lse[:, None])
     if grad_entropy is not None:
         d = -p * (g + grad_entropy[:, None] * (z - (lse - entropy)[:, None]))
+        skip = (grad_logp == 0) & (grad_entropy == 0)
     else:
         d = -p * g
-    onehot = torch.arange(cols, device=z.device)[None, :] == (labels - col0)[:, None]
+        skip = grad_logp == 0
+    onehot = torch.arange(cols)[None, :] == (labels - col0)[:, None]
     d = d + torch.where(onehot, g, torch.zeros_like(d))
-    d = _chain(d, z, temperature, softcap)
-    d = torch.where(keep[:, None], d, torch.zeros_like(d))
+    d = _chain(d, z, inv_temp, cap)
+    d = torch.where(skip[:, None], torch.zeros_like(d), d)
     (logits if dz_out is None else dz_out).copy_(d)
 
 
-def emu_divergence_stats_fwd(s_logits, t_logits, labels, s_bias, t_bias, state, div, stats, ignore_index, kind,
-                             beta, temperature, s_softcap, t_softcap, pass_, first_tile, last_tile):
-    zs = _transform(s_logits, s_bias, temperature, s_softcap)
-    zt = _transform(t_logits, t_bias, temperature, t_softcap)
-    keep = torch.ones(zs.shape[0], dtype=torch.bool, device=zs.device) if labels is None else labels != ignore_index
-    zero = torch.zeros(zs.shape[0], device=zs.device)
-    if pass_ == 0:
-        a_s = _online(zs, zs - zt if kind == cuda_ops.REVERSE_KL else torch.zeros_like(zs))
-        a_t = _online(zt, zt - zs if kind == cuda_ops.FORWARD_KL else torch.zeros_like(zt))
-        if not first_tile:
-            a_s = _merge((state[:, 0], state[:, 1], state[:, 2]), a_s)
-            a_t = _merge((state[:, 3], state[:, 4], state[:, 5]), a_t)
-        if not last_tile:
-            state[:, :6].copy_(torch.stack([*a_s, *a_t], 1))
-            return
-        lse_s, lse_t = a_s[0] + torch.log(a_s[1]), a_t[0] + torch.log(a_t[1])
-        stats[:, 0], stats[:, 1] = lse_s, lse_t
-        if kind == cuda_ops.FORWARD_KL:
-            stats[:, 2] = 0
-            div.copy_(torch.where(keep, a_t[2] / a_t[1] - lse_t + lse_s, zero))
-        elif kind == cuda_ops.REVERSE_KL:
-            kl = a_s[2] / a_s[1] - lse_s + lse_t
-            stats[:, 2] = kl
-            div.copy_(torch.where(keep, kl, zero))
+def emu_divergence_stats_fwd(s_logits, t_logits, s_bias, t_bias, stats, lse, kind, pass_, entropy, beta, s_inv_temp,
+                             s_cap, t_inv_temp, t_cap):
+    zs = _transform(s_logits, s_bias, s_inv_temp, s_cap)
+    zt = _transform(t_logits, t_bias, t_inv_temp, t_cap)
+    if pass_ == 1:
+        log_ps, log_pt = zs - lse[:, :1], zt - lse[:, 1:]
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        stats[C.DV_KLT] += (log_pt.exp() * (log_pt - log_m)).sum(1)
+        stats[C.DV_KLS] += (log_ps.exp() * (log_ps - log_m)).sum(1)
         return
-    log_ps, log_pt = zs - stats[:, :1], zt - stats[:, 1:2]
-    log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-    kl_t = (log_pt.exp() * (log_pt - log_m)).sum(1)
-    kl_s = (log_ps.exp() * (log_ps - log_m)).sum(1)
-    if not first_tile:
-        kl_t, kl_s = kl_t + state[:, 6], kl_s + state[:, 7]
-    if not last_tile:
-        state[:, 6], state[:, 7] = kl_t, kl_s
-        return
-    stats[:, 2] = kl_s
-    div.copy_(torch.where(keep, beta * kl_t + (1 - beta) * kl_s, zero))
+    ms, mt = zs.amax(1), zt.amax(1)
+    es, et = torch.exp(zs - ms[:, None]), torch.exp(zt - mt[:, None])
+    tile = C.empty_divergence_stats(zs.shape[0], zs)
+    tile[C.DV_SMAX], tile[C.DV_SSUM], tile[C.DV_TMAX], tile[C.DV_TSUM] = ms, es.sum(1), mt, et.sum(1)
+    if kind == C.Kind.FORWARD_KL:
+        tile[C.DV_CROSS] = (et * (zt - zs)).sum(1)
+    elif kind == C.Kind.REVERSE_KL:
+        tile[C.DV_CROSS] = (es * (zs - zt)).sum(1)
+    if entropy:
+        tile[C.DV_SENT] = (es * (zs - ms[:, None])).sum(1)
+    merged = C.merge_divergence(torch.stack([stats, tile]), C.Kind(kind))
+    if not entropy:  # planes not asked for keep their values
+        merged[C.DV_SENT] = stats[C.DV_SENT]
+    if kind == C.Kind.JSD:  # (a JSD has no cross term)
+        merged[C.DV_CROSS] = stats[C.DV_CROSS]
+    stats.copy_(merged)
 
 
-def emu_divergence_grad_tile(s_logits, dz_out, t_logits, labels, s_bias, t_bias, grad, stats, ignore_index, kind, beta,
-                             temperature, s_softcap, t_softcap):
-    zs = _transform(s_logits, s_bias, temperature, s_softcap)
-    zt = _transform(t_logits, t_bias, temperature, t_softcap)
-    log_ps, log_pt = zs - stats[:, :1], zt - stats[:, 1:2]
-    ps, g, aux = log_ps.exp(), grad[:, None], stats[:, 2:3]
-    if kind == cuda_ops.FORWARD_KL:
+def emu_divergence_grad_tile(s_logits, dz_out, t_logits, s_bias, t_bias, grad, saved, kind, beta, s_inv_temp, s_cap,
+                             t_inv_temp, t_cap):
+    zs = _transform(s_logits, s_bias, s_inv_temp, s_cap)
+    zt = _transform(t_logits, t_bias, t_inv_temp, t_cap)
+    log_ps, log_pt = zs - saved[:, :1], zt - saved[:, 1:2]
+    ps, g, aux = log_ps.exp(), grad[:, None], saved[:, 2:3]
+    if kind == C.Kind.FORWARD_KL:
         d = g * (ps - log_pt.exp())
-    elif kind == cuda_ops.REVERSE_KL:
+    elif kind == C.Kind.REVERSE_KL:
         d = g * ps * (log_ps - log_pt - aux)
     else:
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
         d = g * (1 - beta) * ps * (log_ps - log_m - aux)
-    d = _chain(d, zs, temperature, s_softcap)
-    if labels is not None:
-        d = torch.where((labels != ignore_index)[:, None], d, torch.zeros_like(d))
+    d = _chain(d, zs, s_inv_temp, s_cap)
+    d = torch.where((grad == 0)[:, None], torch.zeros_like(d), d)
     (s_logits if dz_out is None else dz_out).copy_(d)
 
 
@@ -289,7 +337,16 @@ EMULATED = SimpleNamespace(
 def emulated_kernels(monkeypatch):
     """cuda_ops with the Python model in place of the compiled epilogue ops (CPU tensors)."""
     monkeypatch.setattr(cuda_ops, "_load_extension", lambda: EMULATED)
-    return cuda_ops
+    return cuda_ops.IMPL
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch, emulated_kernels):
+    """Dispatch lets ``backend="cuda"`` run CPU tensors (the model in place of the extension), so the
+    registered ops, the autograd Functions and the public API run cuda_ops' tiling."""
+    monkeypatch.setattr(cuda_ops, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(backends, "_resolved", {})  # forget resolutions made with the patch (and before it)
+    yield
 
 
 # =========================================================================== schemas (no GPU)
@@ -306,224 +363,533 @@ def _schemas() -> dict:
     return out
 
 
-def _tile_args(n=5, c=7, col0=3, vocab=13, device="cpu", gen=None, dtype=torch.float32, entropy=True):
-    g = gen
-    logits = (torch.randn(n, c, generator=g) * 3).to(dtype).to(device)
-    labels = torch.randint(col0 - 2, col0 + c + 2, (n,), generator=g)
-    labels[0] = -100
-    labels = labels.clamp(min=-100).to(device)
-    bias = torch.randn(c, generator=g).to(device)
-    f = dict(dtype=torch.float32, device=device)
-    return SimpleNamespace(
-        logits=logits, labels=labels, bias=bias, col0=col0, vocab=vocab,
-        state=torch.randn(n, cuda_ops.LOGPROBS_STATE_WIDTH, generator=g).to(device).abs(),
-        logp=torch.empty(n, **f), entropy=torch.empty(n if entropy else 0, **f), lse=torch.empty(n, **f),
-        grad=torch.randn(n, generator=g).to(device), grad_ent=torch.randn(n, generator=g).to(device),
-        lse_in=(logits.float().logsumexp(1) + 0.5), ent_in=torch.rand(n, generator=g).to(device) + 1,
-        t_logits=(torch.randn(n, c, generator=g) * 3).to(dtype).to(device), t_bias=torch.randn(c, generator=g).to(device),
-        dstate=torch.randn(n, cuda_ops.DIVERGENCE_STATE_WIDTH, generator=g).to(device).abs(),
-        div=torch.empty(n, **f), stats=torch.cat([torch.randn(n, 2, generator=g) + 4, torch.rand(n, 1, generator=g)], 1).to(device),
-    )
+def _op_samples(ops, device="cpu", gen=None, dtype=torch.float32, n=5, c=7, col0=3):
+    """(op, args) pairs covering every optional plane, a first and a later tile, dz in place and apart,
+    with and without bias / softcap, every kind and both divergence passes."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
 
-
-def _op_samples(ops, device="cpu", gen=None):
-    """(op, args) pairs covering first/middle/last tiles, entropy, dz_out and every kind."""
-    a = _tile_args(device=device, gen=gen)
+    logits = (rnd(n, c) * 3).to(dtype)
+    t_logits = (rnd(n, c) * 3).to(dtype)
+    labels = torch.randint(col0 - 2, col0 + c + 2, (n,), generator=gen).to(device)
+    bias = rnd(c)
+    running = C.empty_logprobs_stats(n, logits.float())
+    running[C.LP_MAX], running[C.LP_SUM], running[C.LP_ENT] = rnd(n) + 1, rnd(n).abs() + 1, rnd(n)
     samples = []
-    for first, last in [(True, True), (True, False), (False, False), (False, True)]:
-        samples.append((ops.logprobs_stats_fwd, (a.logits, a.labels, a.bias, a.state.clone(), a.logp, a.entropy, a.lse,
-                                                 a.col0, a.vocab, -100, 0.7, 5.0 if first else 0.0, first, last)))
-    for dz_out in (None, torch.empty_like(a.logits)):
-        samples.append((ops.logprobs_grad_tile, (a.logits.clone(), dz_out, a.labels, a.bias, a.grad, a.grad_ent,
-                                                 a.lse_in, a.ent_in, a.col0, a.vocab, -100, 1.3, 0.0)))
-    samples.append((ops.logprobs_grad_tile, (a.logits.clone(), None, a.labels, None, a.grad, None, a.lse_in, None,
-                                             a.col0, a.vocab, -100, 1.0, 3.0)))
-    for kind in (0, 1, 2):
-        for pass_ in ((0, 1) if kind == 2 else (0,)):
-            for first, last in [(True, True), (False, True), (True, False)]:
-                samples.append((ops.divergence_stats_fwd, (
-                    a.logits, a.t_logits, a.labels, a.bias, None, a.dstate.clone(), a.div, a.stats.clone(), -100, kind,
-                    0.3, 0.9, 0.0, 4.0, pass_, first, last)))
-        samples.append((ops.divergence_grad_tile, (a.logits.clone(), None, a.t_logits, a.labels, a.bias, a.t_bias,
-                                                   a.grad, a.stats, -100, kind, 0.3, 1.1, 6.0, 0.0)))
+    for want, stats in ((15, C.empty_logprobs_stats(n, logits.float())), (5, running), (0, running)):
+        samples.append((ops.logprobs_stats_fwd, (logits, labels, bias if want else None, stats.clone(), col0, 0.7,
+                                                 5.0 if want else None, want)))
+    grad = rnd(n)
+    grad[1] = 0.0  # an ignored row
+    g_ent = rnd(n)
+    g_ent[1] = 0.0
+    lse = logits.float().logsumexp(1) + 0.5
+    ent = rnd(n).abs() + 1
+    for dz_out in (None, torch.empty_like(logits)):
+        samples.append((ops.logprobs_grad_tile, (logits.clone(), dz_out, labels, bias, grad, g_ent, lse, ent, col0,
+                                                 1.3, None)))
+    samples.append((ops.logprobs_grad_tile, (logits.clone(), None, labels, None, grad, None, lse, None, col0, 1.0,
+                                             3.0)))
+    dstats = C.empty_divergence_stats(n, logits.float())
+    lse2 = torch.stack([logits.float().logsumexp(1), t_logits.float().logsumexp(1)], 1) + 0.25
+    saved = torch.cat([lse2, rnd(n, 1).abs()], 1)
+    for kind in C.Kind:
+        k = int(kind)
+        samples.append((ops.divergence_stats_fwd, (logits, t_logits, bias, None, dstats.clone(), None, k, 0,
+                                                   kind == C.Kind.FORWARD_KL, 0.3, 0.9, None, 1.1, 4.0)))
+        if kind == C.Kind.JSD:
+            samples.append((ops.divergence_stats_fwd, (logits, t_logits, bias, bias, dstats.clone(), lse2, k, 1,
+                                                       False, 0.3, 0.9, 6.0, 0.8, None)))
+        samples.append((ops.divergence_grad_tile, (logits.clone(), None, t_logits, bias, bias, grad, saved, k, 0.3,
+                                                   1.1, 6.0, 0.9, None)))
     return samples
 
 
 def test_op_schemas_pass_opcheck_with_the_python_model(gen):
-    """The C++ schemas (parsed from fastpref_api.cpp) with cuda_ops' fake kernels pass opcheck on CPU."""
+    """The C++ schemas (parsed from fastpref_api.cpp) with cuda_build's fake kernels pass opcheck on CPU."""
     schemas = _schemas()
-    assert set(schemas) == set(cuda_ops.EPILOGUE_OPS), schemas
+    assert set(schemas) == set(cuda_build.EPILOGUE_OPS), schemas
     ns = "fastpref_cuda_schema_check"
     lib = torch.library.Library(ns, "FRAGMENT")
     for name, schema in schemas.items():
         lib.define(schema)
         lib.impl(name, getattr(EMULATED, name), "CPU")
-        torch.library.register_fake(f"{ns}::{name}", lib=lib)(cuda_ops._fake_epilogue)
+        torch.library.register_fake(f"{ns}::{name}", lib=lib)(cuda_build.fake_epilogue)
     ops = getattr(torch.ops, ns)
     for op, args in _op_samples(ops, gen=gen):
-        torch.library.opcheck(op.default, args)
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
-# =========================================================================== cuda_ops orchestration on CPU
+# =========================================================================== the contract on CPU (the model as kernels)
+
+
+def _shard_bounds(vocab: int, shards: int):
+    step = -(-vocab // shards)
+    return [(v0, min(v0 + step, vocab)) for v0 in range(0, vocab, step)]
+
+
+def _sl(t, v0, v1):
+    return None if t is None else t[v0:v1]
+
+
+def _top1_labels(h, w, b, tf: C.Transform, labels, gen, share=0.4):
+    """``labels`` with a share of the counted rows pointing at the (first) argmax, so is_top1 is tested both ways."""
+    z = ref.materialize_logits(h, w, b, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale)
+    pick = (torch.rand(labels.shape, generator=gen) < share) & (labels != -100)
+    return torch.where(pick, z.argmax(1), labels)
+
+
+def _assert_top1(got, truth, z64, labels):
+    """is_top1 equals the oracle's, except on rows whose label is within 1e-4 of another column's logit (a tie fp32
+    logits cannot resolve), and the oracle has both True and False rows (so the check can fail)."""
+    keep = labels != -100
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    zl = z64.gather(1, safe[:, None])[:, 0]
+    others = z64.scatter(1, safe[:, None], float("-inf")).amax(1)
+    near = keep & ((zl - others).abs() < 1e-4)
+    assert got.dtype == torch.bool and got.shape == truth.shape
+    assert torch.equal(got[~near], truth[~near]), f"is_top1 differs on rows {torch.nonzero((got != truth) & ~near)}"
+    assert truth.any() and not truth.all()
+
+
+def run_logprobs(impl, h, w, b, labels, opts, g_logp, g_ent, shards=1):
+    """The contract's logprobs ops over ``shards`` vocabulary slices merged as the vocabulary-parallel layer
+    merges them; -> (rows, (d_hidden, d_weight, d_bias), caches)."""
+    vocab = w.shape[0]
+    opts = replace(opts, vocab_size=vocab)
+    parts, caches = [], []
+    for v0, v1 in _shard_bounds(vocab, shards):
+        o = replace(opts, vocab_start=v0)
+        stats, cache = impl.logprobs_fwd(h, w[v0:v1], labels, _sl(b, v0, v1), o)
+        assert stats.shape == (C.LP_PLANES, h.shape[0]) and stats.dtype == torch.float32
+        assert cache.shape == impl.logprobs_cache_shape(h.shape[0], v1 - v0, h.dtype, o), "fake and real disagree"
+        parts.append(stats)
+        caches.append(cache)
+    rows = C.finish_logprobs(C.merge_logprobs(torch.stack(parts)), labels, opts)
+    g, ge = C.mask_logprobs_grads(g_logp.float(), g_ent.float() if opts.entropy else None, labels, opts)
+    grads = []
+    for (v0, v1), cache in zip(_shard_bounds(vocab, shards), caches):
+        before = cache.clone()
+        grads.append(impl.logprobs_bwd(g, ge, h, w[v0:v1], labels, _sl(b, v0, v1), rows.lse, rows.entropy, cache,
+                                       replace(opts, vocab_start=v0), True, True, b is not None))
+        assert torch.equal(cache, before), "the backward wrote into the forward's cache"
+    d_h = sum(gr[0].float() for gr in grads).to(h.dtype)
+    d_w = torch.cat([gr[1] for gr in grads])
+    d_b = None if b is None else torch.cat([gr[2] for gr in grads])
+    return rows, (d_h, d_w, d_b), caches
+
+
+def _logprobs_oracle(h, w, b, labels, tf: C.Transform, g_logp, g_ent, precision):
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (h, w, b)]
+    out = ref.linear_logprobs(leaves[0], leaves[1], labels, leaves[2], temperature=tf.temperature, softcap=tf.softcap,
+                              logit_scale=tf.logit_scale, outputs=EXTRAS, precision=precision)
+    loss = (out["logp"].double() * g_logp).sum() + (out["entropy"].double() * g_ent).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def check_logprobs(impl, case, gen, *, cache=True, shards=1, device="cpu"):
+    _, n, d, v, dtype, ignored, has_bias, tf, ws = case
+    h, w, b = make_head(n, d, v, dtype=dtype, bias=has_bias, gen=gen)
+    labels = _top1_labels(h, w, b, tf, make_labels(n, v, ignored=ignored, gen=gen), gen)
+    g_logp = torch.randn(n, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
+    truth, truth_grads = _logprobs_oracle(h, w, b, labels, tf, g_logp, g_ent, "fp64")
+    naive, naive_grads = _logprobs_oracle(h, w, b, labels, tf, g_logp, g_ent, "native")
+    opts = C.LogprobsOptions(transform=tf, cache=cache, **{name: True for name in EXTRAS})
+    mv = [None if t is None else t.to(device) for t in (h, w, b, labels, g_logp, g_ent)]
+    with workspace(ws):
+        rows, grads, caches = run_logprobs(impl, *mv[:4], opts, *mv[4:], shards=shards)
+    if cache and ws is None:
+        assert all(c.numel() for c in caches), "the logits fit the budget: the forward must keep them"
+    if not cache:
+        assert not any(c.numel() for c in caches)
+    keep = labels != -100
+    for name in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"):
+        got = getattr(rows, name).cpu()
+        assert got.dtype == torch.float32 and (got[~keep] == 0).all(), name
+        assert_accurate(name, got, naive[name], truth[name], dtype)
+    z64 = ref.materialize_logits(h, w, b, temperature=tf.temperature, softcap=tf.softcap, logit_scale=tf.logit_scale)
+    _assert_top1(rows.is_top1.cpu(), truth["is_top1"], z64, labels)
+    for name, got, nv, tr in zip(("d_hidden", "d_weight", "d_bias"), grads, naive_grads, truth_grads):
+        assert got.dtype == dtype and got.shape == tr.shape, name
+        assert_accurate(name, got.cpu(), nv, tr, dtype)
 
 
 LOGPROB_CASES = [
-    # id, N, D, V, dtype, ignored, bias, temperature, softcap, workspace
-    ("V123-fp32", 40, 24, 123, torch.float32, 0.0, False, 1.0, None, None),
-    ("V123-fp32-ign20-bias-temp0.7-softcap5", 40, 24, 123, torch.float32, 0.2, True, 0.7, 5.0, None),
-    ("V3001-fp32-vocab-split-rows-split", 45, 16, 3001, torch.float32, 0.2, True, 1.0, None, 2**16),
-    ("V3001-bf16-vocab-split-softcap", 45, 16, 3001, torch.bfloat16, 0.2, True, 1.3, 8.0, 2**16),
-    ("V123-bf16-all-ignored", 17, 16, 123, torch.bfloat16, 1.0, False, 1.0, None, None),
+    # id, N, D, V, dtype, ignored, bias, transform (temperature, softcap, logit_scale), workspace
+    ("V123-fp32", 40, 24, 123, torch.float32, 0.0, False, C.Transform(), None),
+    ("V123-fp32-ign-bias-T0.7-softcap5-scale1.3", 40, 24, 123, torch.float32, 0.2, True, C.Transform(0.7, 5.0, 1.3),
+     None),
+    ("V3001-fp32-split-rows-and-vocab-scale0.8", 48, 16, 3001, torch.float32, 0.2, True, C.Transform(1.0, None, 0.8),
+     2**17),
+    ("V3001-bf16-split-T1.3-softcap8", 48, 16, 3001, torch.bfloat16, 0.2, True, C.Transform(1.3, 8.0), 2**17),
+    ("V123-fp16-bias", 33, 16, 123, torch.float16, 0.2, True, C.Transform(), None),
 ]
 
 
-def _legacy_cap(cap, temp):
-    """The epilogues' own parameters ``(temperature T, softcap c)`` compute ``c tanh(u / (T c))``: the
-    contract's transform (docs/design.md §2.1) with temperature ``T`` and softcap ``c T``."""
-    return None if cap is None else cap * temp
-
-
-def _logprobs_check(fwd, bwd, case, with_entropy, gen, device="cpu"):
-    _, n, d, v, dtype, ignored, has_bias, temp, cap, ws = case
-    h, w, b = make_head(n, d, v, dtype=dtype, bias=has_bias, gen=gen)
-    labels = make_labels(n, v, ignored=ignored, gen=gen)
-    g_logp = torch.randn(n, generator=gen, dtype=torch.float64)
-    g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
-    h, w, labels = h.to(device), w.to(device), labels.to(device)
-    b = None if b is None else b.to(device)
-    g_logp, g_ent = g_logp.to(device), g_ent.to(device)
-
-    def oracle(precision):
-        leaves = [None if t is None else t.detach().requires_grad_() for t in (h, w, b)]
-        lp, ent = ref.linear_logprobs(leaves[0], leaves[1], labels, leaves[2], temperature=temp,
-                                      softcap=_legacy_cap(cap, temp), return_entropy=True, precision=precision)
-        loss = (lp.double() * g_logp).sum() + ((ent.double() * g_ent).sum() if with_entropy else 0)
-        grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
-        return lp.detach(), ent.detach(), grads
-
-    truth_lp, truth_ent, truth_grads = oracle("fp64")
-    naive_lp, naive_ent, naive_grads = oracle("native")
-    with workspace(ws) if ws else contextlib.nullcontext():
-        lp, ent, lse = fwd(h, w, labels, b, -100, temp, cap, with_entropy)
-        grads = bwd(g_logp.float(), g_ent.float() if with_entropy else None, h, w, labels, b, lse,
-                    ent if with_entropy else None, -100, temp, cap, True, True, b is not None)
-    assert lp.dtype == torch.float32 and lse.shape == (n,)
-    assert_accurate("logp", lp, naive_lp, truth_lp, dtype)
-    if with_entropy:
-        assert_accurate("entropy", ent, naive_ent, truth_ent, dtype)
-    else:
-        assert ent.numel() == 0
-    for name, got, naive, truth in zip(("d_hidden", "d_weight", "d_bias"), grads, naive_grads, truth_grads):
-        assert got.dtype == dtype and got.shape == truth.shape
-        assert_accurate(name, got.float(), naive.float(), truth, dtype)
-
-
-@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
 @pytest.mark.parametrize("case", LOGPROB_CASES, ids=[c[0] for c in LOGPROB_CASES])
-def test_orchestration_logprobs_with_python_kernels(emulated_kernels, case, with_entropy, gen):
-    _logprobs_check(emulated_kernels.logprobs_fwd, emulated_kernels.logprobs_bwd, case, with_entropy, gen)
+def test_contract_logprobs_with_python_kernels(emulated_kernels, case, cache, gen):
+    check_logprobs(emulated_kernels, case, gen, cache=cache)
+
+
+@pytest.mark.parametrize("case", [LOGPROB_CASES[1], LOGPROB_CASES[3]], ids=[LOGPROB_CASES[1][0], LOGPROB_CASES[3][0]])
+def test_contract_logprobs_vocabulary_slices(emulated_kernels, case, gen):
+    """Three vocabulary slices (global labels, ``vocab_start``), merged: the same outputs and gradients."""
+    check_logprobs(emulated_kernels, case, gen, cache=True, shards=3)
+
+
+def test_contract_logprobs_native_16bit_tiles(emulated_kernels, monkeypatch, gen):
+    """FASTPREF_CUDA_LOGITS=native: bf16 tiles, dz in place (the naive reference also rounds its logits to bf16)."""
+    monkeypatch.setenv("FASTPREF_CUDA_LOGITS", "native")
+    monkeypatch.setattr(cuda_ops, "_MM_OUT_DTYPE", [True])
+    assert cuda_ops._tile_dtype(torch.bfloat16) == torch.bfloat16
+    check_logprobs(emulated_kernels, ("native", 37, 16, 500, torch.bfloat16, 0.2, True, C.Transform(0.9, 6.0), 2**16),
+                   gen, cache=False)
+
+
+def test_contract_logprobs_planes_not_asked_for_stay_at_the_identity(emulated_kernels, monkeypatch, gen):
+    """Over five vocabulary tiles, the optional planes nobody asked for stay at the merge identity."""
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+    h, w, _ = make_head(64, 8, 300, gen=gen)
+    labels = make_labels(64, 300, gen=gen)
+    with workspace(2**16):
+        assert tiling.plan_tiles(64, 300) == (64, 64)
+        stats, cache = emulated_kernels.logprobs_fwd(h, w, labels, None, C.LogprobsOptions(vocab_size=300))
+    empty = C.empty_logprobs_stats(64, stats)
+    for plane in (C.LP_ENT, C.LP_SQ, C.LP_ZSUM, C.LP_BEFORE):
+        assert torch.equal(stats[plane], empty[plane])
+    assert cache.numel() == 0
+    rows = C.finish_logprobs(stats, labels, C.LogprobsOptions(vocab_size=300))
+    truth = ref.linear_logprobs(h, w, labels)
+    assert_accurate("logp", rows.logp, ref.linear_logprobs(h, w, labels, precision="native"), truth, torch.float32)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_contract_is_top1_with_exact_ties(emulated_kernels, monkeypatch, shards, gen):
+    """Integer logits (exact in fp32) with many ties at the max, tiles of 64 columns and 64 rows: is_top1 is True only
+    for the *first* argmax, across tile and slice boundaries."""
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+    n, d, v = 150, 6, 300
+    h = torch.randint(-2, 3, (n, d), generator=gen).float()
+    w = torch.randint(-2, 3, (v, d), generator=gen).float()
+    z = h @ w.T
+    is_max = z == z.amax(1, keepdim=True)
+    first = is_max.float().argmax(1)
+    last = v - 1 - is_max.flip(1).float().argmax(1)
+    assert (first != last).sum() > n // 4, "the inputs must have ties"
+    labels = torch.randint(0, v, (n,), generator=gen)
+    which = torch.randint(0, 3, (n,), generator=gen)
+    labels = torch.where(which == 0, first, torch.where(which == 1, last, labels))
+    labels[::17] = -100
+    opts = C.LogprobsOptions(is_top1=True, cache=False)
+    zeros = torch.zeros(n, dtype=torch.float64)
+    with workspace(2**16):
+        rows, _, _ = run_logprobs(emulated_kernels, h, w, None, labels, opts, zeros, zeros, shards=shards)
+    truth = ref.linear_logprobs(h, w, labels, outputs=("is_top1",))["is_top1"]
+    assert torch.equal(rows.is_top1, truth)
+    assert truth[which == 0].all() or (labels[which == 0] == -100).any()
+    assert not rows.is_top1[(which == 1) & (first != last)].any()
+
+
+def test_contract_logprobs_frozen_head_and_no_rows(emulated_kernels, gen):
+    h, w, b = make_head(9, 8, 50, bias=True, gen=gen)
+    labels = make_labels(9, 50, gen=gen)
+    opts = C.LogprobsOptions(vocab_size=50)
+    stats, cache = emulated_kernels.logprobs_fwd(h, w, labels, b, opts)
+    lse = C.finish_logprobs(stats, labels, opts).lse
+    dh, dw, db = emulated_kernels.logprobs_bwd(torch.ones(9), None, h, w, labels, b, lse, None, cache, opts,
+                                               True, False, False)
+    assert dw is None and db is None and dh.shape == h.shape
+    assert emulated_kernels.logprobs_bwd(torch.ones(9), None, h, w, labels, b, lse, None, cache, opts,
+                                         False, False, False) == (None, None, None)
+    h0, labels0 = h[:0], labels[:0]
+    stats, cache = emulated_kernels.logprobs_fwd(h0, w, labels0, b, replace(opts, cache=True))
+    assert stats.shape == (C.LP_PLANES, 0) and cache.numel() == 0
+    dh, dw, db = emulated_kernels.logprobs_bwd(torch.ones(0), None, h0, w, labels0, b, torch.ones(0), None, cache,
+                                               opts, True, True, True)
+    assert dh.shape == (0, 8) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
 
 
 DIVERGENCE_CASES = [
-    # id, N, Ds, Dt, V, s dtype, t dtype, ignored, bias, temperature, s softcap, t softcap, workspace
-    ("V123-fp32", 40, 24, 20, 123, torch.float32, torch.float32, 0.0, False, 1.0, None, None, None),
-    ("V123-fp32-ign20-bias-temp1.5-caps", 40, 24, 20, 123, torch.float32, torch.float32, 0.2, True, 1.5, 6.0, 4.0, None),
-    ("V3001-fp32-vocab-split", 45, 16, 12, 3001, torch.float32, torch.float32, 0.2, True, 0.8, None, 5.0, 2**16),
-    ("V3001-bf16-fp32teacher-vocab-split", 45, 16, 12, 3001, torch.bfloat16, torch.float32, 0.2, False, 1.0, 8.0, None,
-     2**16),
+    # id, N, Ds, Dt, V, s dtype, t dtype, ignored, bias, student transform, teacher transform, workspace
+    ("V123-fp32", 40, 24, 20, 123, torch.float32, torch.float32, 0.0, False, C.Transform(), C.Transform(), None),
+    ("V123-fp32-ign-bias-per-head-transforms", 40, 24, 20, 123, torch.float32, torch.float32, 0.2, True,
+     C.Transform(1.5, 6.0, 1.2), C.Transform(1.5, 4.0, 0.7), None),
+    ("V3001-fp32-split", 48, 16, 12, 3001, torch.float32, torch.float32, 0.2, True, C.Transform(0.8),
+     C.Transform(0.8, 5.0), 2**18),
+    ("V3001-bf16-fp32teacher-split", 48, 16, 12, 3001, torch.bfloat16, torch.float32, 0.2, False,
+     C.Transform(1.0, 8.0, 1.1), C.Transform(1.0, None, 0.9), 2**18),
 ]
 
 
-def _divergence_check(fwd, bwd, case, kind, gen, device="cpu"):
-    _, n, ds, dt, v, sdt, tdt, ignored, has_bias, temp, s_cap, t_cap, ws = case
+def run_divergence(impl, hs, ws, bs, ht, wt, bt, labels, opts, grad, shards=1):
+    """The contract's divergence ops over ``shards`` vocabulary slices, merged as the vocabulary-parallel layer
+    merges them (a sharded JSD calls the forward a second time with the merged log-sum-exps)."""
+    vocab = ws.shape[0]
+    opts = replace(opts, vocab_size=vocab)
+    bounds = _shard_bounds(vocab, shards)
+    parts, caches = [], []
+    for v0, v1 in bounds:
+        o = replace(opts, vocab_start=v0)
+        stats, cache = impl.divergence_fwd(hs, ws[v0:v1], _sl(bs, v0, v1), ht, wt[v0:v1], _sl(bt, v0, v1), None, o)
+        assert stats.shape == (C.DV_PLANES, hs.shape[0]) and stats.dtype == torch.float32
+        assert cache.shape == impl.divergence_cache_shape(hs.shape[0], v1 - v0, hs.dtype, o), "fake and real disagree"
+        parts.append(stats)
+        caches.append(cache)
+    stats = C.merge_divergence(torch.stack(parts), opts.kind)
+    if shards > 1 and opts.kind == C.Kind.JSD:
+        lse_st = C.divergence_lse(stats)
+        kl = []
+        for v0, v1 in bounds:
+            st, cache = impl.divergence_fwd(hs, ws[v0:v1], _sl(bs, v0, v1), ht, wt[v0:v1], _sl(bt, v0, v1), lse_st,
+                                            replace(opts, vocab_start=v0))
+            assert cache.numel() == 0
+            kl.append(st[[C.DV_KLT, C.DV_KLS]])
+        stats[[C.DV_KLT, C.DV_KLS]] = sum(kl)
+    rows = C.finish_divergence(stats, labels, opts)
+    g = C.mask_divergence_grad(grad.float(), labels, opts)
+    grads = []
+    for (v0, v1), cache in zip(bounds, caches):
+        before = cache.clone()
+        grads.append(impl.divergence_bwd(g, hs, ws[v0:v1], _sl(bs, v0, v1), ht, wt[v0:v1], _sl(bt, v0, v1),
+                                         rows.saved, cache, replace(opts, vocab_start=v0), True, True, bs is not None))
+        assert torch.equal(cache, before), "the backward wrote into the forward's cache"
+    d_h = sum(gr[0].float() for gr in grads).to(hs.dtype)
+    d_w = torch.cat([gr[1] for gr in grads])
+    d_b = None if bs is None else torch.cat([gr[2] for gr in grads])
+    return rows, (d_h, d_w, d_b), caches
+
+
+def check_divergence(impl, case, kind, gen, *, cache=True, shards=1, device="cpu", beta=0.3):
+    _, n, ds, dt, v, sdt, tdt, ignored, has_bias, stf, ttf, ws = case
+    assert stf.temperature == ttf.temperature  # the public API (and the oracle) take one temperature
     hs, wsh, bs = make_head(n, ds, v, dtype=sdt, bias=has_bias, gen=gen)
     ht, wt, bt = make_head(n, dt, v, dtype=tdt, bias=has_bias, gen=gen)
     labels = make_labels(n, v, ignored=ignored, gen=gen)
     grad = torch.randn(n, generator=gen, dtype=torch.float64)
-    mv = [None if t is None else t.to(device) for t in (hs, wsh, bs, ht, wt, bt, labels, grad)]
-    hs, wsh, bs, ht, wt, bt, labels, grad = mv
-    beta = 0.3
 
     def oracle(precision):
         leaves = [None if t is None else t.detach().requires_grad_() for t in (hs, wsh, bs)]
-        div = ref.linear_divergence(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt,
-                                    kind=kind, beta=beta, temperature=temp, student_softcap=_legacy_cap(s_cap, temp),
-                                    teacher_softcap=_legacy_cap(t_cap, temp), precision=precision)
+        div, ent = ref.linear_divergence(
+            leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2], teacher_bias=bt, kind=kind, beta=beta,
+            temperature=stf.temperature, student_softcap=stf.softcap, teacher_softcap=ttf.softcap,
+            student_logit_scale=stf.logit_scale, teacher_logit_scale=ttf.logit_scale, return_entropy=True,
+            precision=precision)
         grads = torch.autograd.grad((div.double() * grad).sum(), [t for t in leaves if t is not None])
-        return div.detach(), grads
+        return div.detach(), ent.detach(), grads
 
-    truth, truth_grads = oracle("fp64")
-    naive, naive_grads = oracle("native")
-    with workspace(ws) if ws else contextlib.nullcontext():
-        div, stats = fwd(hs, wsh, ht, wt, labels, bs, bt, -100, KINDS[kind], beta, temp, s_cap, t_cap)
-        grads = bwd(grad.float(), hs, wsh, ht, wt, labels, bs, bt, stats, -100, KINDS[kind], beta, temp, s_cap, t_cap,
-                    True, True, bs is not None)
-    assert stats.shape == (n, 3) and stats.dtype == torch.float32
-    assert_accurate(f"{kind}", div, naive, truth, sdt)
+    truth, truth_ent, truth_grads = oracle("fp64")
+    naive, naive_ent, naive_grads = oracle("native")
+    opts = C.DivergenceOptions(kind=KINDS[kind], beta=beta, student=stf, teacher=ttf, entropy=True, cache=cache)
+    mv = [None if t is None else t.to(device) for t in (hs, wsh, bs, ht, wt, bt, labels, grad)]
+    with workspace(ws):
+        rows, grads, caches = run_divergence(impl, *mv[:7], opts, mv[7], shards=shards)
+    if cache and ws is None:
+        assert all(c.numel() for c in caches), "both heads' logits fit the budget: the forward must keep them"
+    assert rows.saved.shape == (n, 3) and rows.saved.dtype == torch.float32
+    assert (rows.div.cpu()[labels == -100] == 0).all()
+    assert_accurate(kind, rows.div.cpu(), naive, truth, sdt)
+    assert_accurate("student entropy", rows.entropy.cpu(), naive_ent, truth_ent, sdt)
     for name, got, nv, tr in zip(("d_hidden", "d_weight", "d_bias"), grads, naive_grads, truth_grads):
-        assert got.dtype == sdt and got.shape == tr.shape
-        assert_accurate(f"{kind} {name}", got.float(), nv.float(), tr, sdt)
+        assert got.dtype == sdt and got.shape == tr.shape, name
+        assert_accurate(f"{kind} {name}", got.cpu(), nv, tr, sdt)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
+def test_contract_divergence_with_python_kernels(emulated_kernels, case, kind, cache, gen):
+    check_divergence(emulated_kernels, case, kind, gen, cache=cache)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
-def test_orchestration_divergence_with_python_kernels(emulated_kernels, case, kind, gen):
-    _divergence_check(emulated_kernels.divergence_fwd, emulated_kernels.divergence_bwd, case, kind, gen)
+def test_contract_divergence_vocabulary_slices(emulated_kernels, kind, gen):
+    """Two vocabulary slices merged (JSD: a second call with the merged log-sum-exps)."""
+    check_divergence(emulated_kernels, DIVERGENCE_CASES[1], kind, gen, cache=True, shards=2)
 
 
-def test_orchestration_frozen_head_and_plan(emulated_kernels, gen):
-    h, w, _ = make_head(9, 8, 50, gen=gen)
-    labels = make_labels(9, 50, gen=gen)
-    lp, _, lse = cuda_ops.logprobs_fwd(h, w, labels, None, -100, 1.0, None, False)
-    dh, dw, db = cuda_ops.logprobs_bwd(torch.ones(9), None, h, w, labels, None, lse, None, -100, 1.0, None,
-                                       True, False, False)
-    assert dw is None and db is None and dh.shape == h.shape
+# =========================================================================== registered ops and public API on CPU
+
+
+def test_registered_ops_with_backend_cuda_pass_opcheck(cuda_backend_on_cpu, gen):
+    """``torch.ops.fastpref.*`` with the backend choice ``"cuda"``: the fake kernels (cache shapes from
+    cuda_ops) agree with what cuda_ops returns, and the schemas hold."""
+    n, v = 12, 70
+    h, w, b = make_head(n, 8, v, bias=True, gen=gen)
+    labels = make_labels(n, v, ignored=0.2, gen=gen)
+    utils = ("test_schema", "test_faketensor")
+    for cache in (True, False):
+        opts = C.LogprobsOptions(transform=C.Transform(0.9, 5.0, 1.1), entropy=True, is_top1=True, mean_logits=True,
+                                 log_sum_sq_probs=True, cache=cache, vocab_size=v)
+        args = (h, w, labels, b, *C.logprobs_to_args(opts), "cuda")
+        torch.library.opcheck(torch.ops.fastpref.logprobs_fwd.default, args, test_utils=utils)
+        stats, kept = torch.ops.fastpref.logprobs_fwd(*args)
+        assert (kept.numel() > 0) == cache
+        rows = C.finish_logprobs(stats, labels, opts)
+        g, ge = C.mask_logprobs_grads(torch.randn(n, generator=gen), torch.randn(n, generator=gen), labels, opts)
+        torch.library.opcheck(torch.ops.fastpref.logprobs_bwd.default,
+                              (g, ge, h, w, labels, b, rows.lse, rows.entropy, kept, *C.logprobs_to_args(opts),
+                               "cuda", True, True, True), test_utils=utils)
+    ht, wt, _ = make_head(n, 6, v, gen=gen)
+    for kind in C.Kind:
+        opts = C.DivergenceOptions(kind=kind, beta=0.4, student=C.Transform(1.2, 4.0), teacher=C.Transform(1.2),
+                                   entropy=True, cache=True, vocab_size=v)
+        args = (h, w, b, ht, wt, None, None, *C.divergence_to_args(opts), "cuda")
+        torch.library.opcheck(torch.ops.fastpref.divergence_fwd.default, args, test_utils=utils)
+        stats, kept = torch.ops.fastpref.divergence_fwd(*args)
+        rows = C.finish_divergence(stats, labels, opts)
+        grad = C.mask_divergence_grad(torch.randn(n, generator=gen), labels, opts)
+        torch.library.opcheck(torch.ops.fastpref.divergence_bwd.default,
+                              (grad, h, w, b, ht, wt, None, rows.saved, kept, *C.divergence_to_args(opts), "cuda",
+                               True, True, True), test_utils=utils)
+
+
+def test_public_api_with_backend_cuda_on_cpu(cuda_backend_on_cpu, gen):
+    """``fp.linear_logprobs(..., outputs=...)`` and ``fp.linear_divergence(..., return_entropy=True)`` with
+    ``backend="cuda"`` through dispatch, the registered ops and autograd (keep-logits path), against the oracle."""
+    n, d, v = 30, 16, 257
+    h, w, b = make_head(n, d, v, bias=True, gen=gen)
+    labels = make_labels(n, v, ignored=0.2, gen=gen)
+    labels = _top1_labels(h, w, b, C.Transform(0.8, 6.0, 1.2), labels, gen)
+    kw = dict(temperature=0.8, softcap=6.0, logit_scale=1.2)
+    g_logp, g_ent = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+    out = fp.linear_logprobs(*leaves[:2], labels, leaves[2], outputs=EXTRAS, backend="cuda", **kw)
+    ((out.logp.double() * g_logp).sum() + (out.entropy.double() * g_ent).sum()).backward()
+    truth, truth_grads = _logprobs_oracle(h, w, b, labels, C.Transform(0.8, 6.0, 1.2), g_logp, g_ent, "fp64")
+    naive, naive_grads = _logprobs_oracle(h, w, b, labels, C.Transform(0.8, 6.0, 1.2), g_logp, g_ent, "native")
+    for name in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert_accurate(name, getattr(out, name).detach(), naive[name], truth[name], torch.float32)
+    assert torch.equal(out.is_top1, truth["is_top1"]) and out.is_top1.any()
+    for name, leaf, nv, tr in zip(("d_hidden", "d_weight", "d_bias"), leaves, naive_grads, truth_grads):
+        assert_accurate(name, leaf.grad, nv, tr, torch.float32)
+
+    ht, wt, bt = make_head(n, 12, v, bias=True, gen=gen)
+    for kind in KINDS:
+        s_leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+        dkw = dict(kind=kind, beta=0.35, temperature=0.9, student_softcap=7.0, student_logit_scale=1.1,
+                   teacher_logit_scale=0.8)
+        div, ent = fp.linear_divergence(s_leaves[0], s_leaves[1], ht, wt, labels, student_bias=s_leaves[2],
+                                        teacher_bias=bt, return_entropy=True, backend="cuda", **dkw)
+        (div.double() * g_logp).sum().backward()
+
+        def oracle(precision, dkw=dkw):
+            lv = [t.detach().requires_grad_() for t in (h, w, b)]
+            dv, en = ref.linear_divergence(lv[0], lv[1], ht, wt, labels, student_bias=lv[2], teacher_bias=bt,
+                                           return_entropy=True, precision=precision, **dkw)
+            return dv.detach(), en, torch.autograd.grad((dv.double() * g_logp).sum(), lv)
+
+        t_div, t_ent, t_grads = oracle("fp64")
+        n_div, n_ent, n_grads = oracle("native")
+        assert_accurate(kind, div.detach(), n_div, t_div, torch.float32)
+        assert_accurate(f"{kind} entropy", ent, n_ent, t_ent, torch.float32)
+        for name, leaf, nv, tr in zip(("d_hidden", "d_weight", "d_bias"), s_leaves, n_grads, t_grads):
+            assert_accurate(f"{kind} {name}", leaf.grad, nv, tr, torch.float32)
+
+
+def test_dispatch_sends_sharded_calls_to_cuda(cuda_backend_on_cpu):
+    """With the extension available, an explicit ``"cuda"`` takes sharded calls and every option."""
+    opts = C.LogprobsOptions(is_top1=True, vocab_start=64, vocab_size=256)
+    assert backends.resolve("cuda", torch.device("cpu"), torch.bfloat16, "logprobs", opts, sharded=True) == "cuda"
+    assert backends.resolve("cuda", torch.device("cpu"), torch.float64, "logprobs", opts, sharded=True) == "torch"
+
+
+def _small_case_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_small_case.py"
+    spec = importlib.util.spec_from_file_location("cuda_small_case", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_small_case_script_runs_on_cpu_with_the_model(cuda_backend_on_cpu, monkeypatch):
+    """benchmarks/cuda_small_case.py (the compute-sanitizer run of gpu_check_cuda.sh) on CPU tensors with the model
+    as kernels: its cases use the current API and pass, so the first GPU run tests the kernels, not the script."""
+    mod = _small_case_module()
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(mod, "failures", [])
+    g = torch.Generator().manual_seed(0)
     with workspace(2**16):
-        rows, cols = cuda_ops._plan(10_000, 128_256, 6, 4096 * 4)
-    assert cols % 128 == 0 and cols < 128_256 and rows >= 1
-    rows, cols = cuda_ops._plan(100, 123, 4, 0)
-    assert (rows, cols) == (100, 123)
+        mod.logprobs_case("[cpu]", 13, 16, 301, torch.bfloat16, g)
+        mod.sharded_logprobs_case("[cpu]", 11, 16, 301, torch.float32, g)
+        for kind in KINDS:
+            mod.divergence_case("[cpu]", 9, 12, 8, 257, torch.float32, kind, g)
+            mod.sharded_divergence_case("[cpu]", 9, 8, 201, torch.float32, kind, g)
+    assert mod.failures == []
 
 
 # =========================================================================== on a GPU
 
 GPU_LOGPROB_CASES = LOGPROB_CASES + [
-    ("V32001-bf16-ign20-bias", 63, 64, 32001, torch.bfloat16, 0.2, True, 1.0, None, None),
-    ("V50257-fp16-softcap30", 40, 64, 50257, torch.float16, 0.2, False, 0.9, 30.0, None),
-    ("V32001-fp32-vocab-split", 70, 48, 32001, torch.float32, 0.2, True, 1.0, 10.0, 2**20),
+    ("V32001-bf16-ign20-bias", 63, 64, 32001, torch.bfloat16, 0.2, True, C.Transform(), None),
+    ("V50257-fp16-softcap30-T0.9", 40, 64, 50257, torch.float16, 0.2, False, C.Transform(0.9, 30.0), None),
+    ("V32001-fp32-split-softcap10", 70, 48, 32001, torch.float32, 0.2, True, C.Transform(1.0, 10.0, 1.5), 2**20),
 ]
+
+
+@pytest.fixture
+def gpu_tf32_off():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs stay fp32 (the oracle's naive path does the same)
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
 @pytest.mark.parametrize("case", GPU_LOGPROB_CASES, ids=[c[0] for c in GPU_LOGPROB_CASES])
-def test_gpu_backend_logprobs_matches_oracle(case, with_entropy, gen):
-    _logprobs_check(cuda_ops.logprobs_fwd, cuda_ops.logprobs_bwd, case, with_entropy, gen, device="cuda")
+def test_gpu_contract_logprobs_matches_oracle(case, cache, gen, gpu_tf32_off):
+    check_logprobs(cuda_ops.IMPL, case, gen, cache=cache, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", [GPU_LOGPROB_CASES[1], GPU_LOGPROB_CASES[-2]],
+                         ids=[GPU_LOGPROB_CASES[1][0], GPU_LOGPROB_CASES[-2][0]])
+def test_gpu_contract_logprobs_vocabulary_slices(case, gen, gpu_tf32_off):
+    check_logprobs(cuda_ops.IMPL, case, gen, cache=True, shards=3, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("cache", [True, False], ids=["keep-logits", "recompute"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
+def test_gpu_contract_divergence_matches_oracle(case, kind, cache, gen, gpu_tf32_off):
+    check_divergence(cuda_ops.IMPL, case, kind, gen, cache=cache, device="cuda")
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=[c[0] for c in DIVERGENCE_CASES])
-def test_gpu_backend_divergence_matches_oracle(case, kind, gen):
-    _divergence_check(cuda_ops.divergence_fwd, cuda_ops.divergence_bwd, case, kind, gen, device="cuda")
+def test_gpu_contract_divergence_vocabulary_slices(kind, gen, gpu_tf32_off):
+    check_divergence(cuda_ops.IMPL, DIVERGENCE_CASES[1], kind, gen, cache=True, shards=2, device="cuda")
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_public_api_through_autograd(gen):
-    h, w, b = make_head(33, 32, 501, dtype=torch.bfloat16, bias=True, gen=gen)
-    labels = make_labels(33, 501, ignored=0.2, gen=gen)
-    h, w, b, labels = h.cuda().requires_grad_(), w.cuda().requires_grad_(), b.cuda().requires_grad_(), labels.cuda()
-    lp, ent = fp.linear_logprobs(h, w, labels, b, return_entropy=True, backend="cuda")
-    (lp.sum() + 0.1 * ent.sum()).backward()
-    lp_t, ent_t = fp.linear_logprobs(h.detach(), w.detach(), labels, b.detach(), return_entropy=True, backend="torch")
-    assert torch.allclose(lp, lp_t, atol=0.15) and torch.allclose(ent, ent_t, atol=0.15)
-    assert h.grad is not None and w.grad is not None and b.grad is not None
-    assert torch.all(h.grad[labels == -100] == 0)
-    div = fp.linear_divergence(h, w, h.detach() * 0.5, w.detach(), labels, kind="jsd", beta=0.4, backend="cuda")
-    assert torch.all(div[labels == -100] == 0) and torch.isfinite(div).all()
+def test_gpu_public_api_through_autograd(gen, gpu_tf32_off):
+    n, v = 33, 501
+    h, w, b = make_head(n, 32, v, dtype=torch.bfloat16, bias=True, gen=gen)
+    labels = make_labels(n, v, ignored=0.2, gen=gen)
+    labels = _top1_labels(h, w, b, C.Transform(), labels, gen)
+    leaves = [t.cuda().requires_grad_() for t in (h, w, b)]
+    out = fp.linear_logprobs(leaves[0], leaves[1], labels.cuda(), leaves[2], outputs=EXTRAS, backend="cuda")
+    (out.logp.sum() + 0.1 * out.entropy.sum()).backward()
+    truth = ref.linear_logprobs(h, w, labels, b, outputs=EXTRAS)
+    naive = ref.linear_logprobs(h, w, labels, b, outputs=EXTRAS, precision="native")
+    for name in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"):
+        assert_accurate(name, getattr(out, name).detach().cpu(), naive[name], truth[name], torch.bfloat16)
+    assert torch.equal(out.is_top1.cpu(), truth["is_top1"])
+    assert all(t.grad is not None for t in leaves) and torch.all(leaves[0].grad[labels.cuda() == -100] == 0)
+    div, ent = fp.linear_divergence(leaves[0], leaves[1], leaves[0].detach() * 0.5, leaves[1].detach(), labels.cuda(),
+                                    kind="jsd", beta=0.4, return_entropy=True, backend="cuda")
+    assert torch.all(div[labels.cuda() == -100] == 0) and torch.isfinite(div).all() and torch.isfinite(ent).all()
 
 
 @pytest.mark.gpu
@@ -531,10 +897,56 @@ def test_gpu_public_api_through_autograd(gen):
 def test_gpu_out_of_range_label_gives_nan_not_oob(gen):
     h, w, _ = make_head(6, 16, 77, gen=gen)
     labels = torch.tensor([0, 76, 77, -5, -100, 10**12])
-    lp, ent, lse = cuda_ops.logprobs_fwd(h.cuda(), w.cuda(), labels.cuda(), None, -100, 1.0, None, True)
-    lp = lp.cpu()
-    assert torch.isfinite(lp[:2]).all() and torch.isnan(lp[2:4]).all() and lp[4] == 0 and torch.isnan(lp[5])
+    lp = fp.linear_logprobs(h.cuda(), w.cuda(), labels.cuda(), backend="cuda").cpu()
     torch.cuda.synchronize()
+    assert torch.isfinite(lp[:2]).all() and torch.isnan(lp[2:4]).all() and lp[4] == 0 and torch.isnan(lp[5])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_registered_ops_opcheck(gen):
+    """``torch.ops.fastpref.*`` with the backend choice ``"cuda"`` (every opcheck test, autograd registration too)."""
+    n, v = 20, 300
+    h, w, b = (t.cuda() for t in make_head(n, 16, v, dtype=torch.bfloat16, bias=True, gen=gen))
+    labels = make_labels(n, v, ignored=0.2, gen=gen).cuda()
+    for cache in (True, False):
+        opts = C.LogprobsOptions(entropy=True, is_top1=True, mean_logits=True, log_sum_sq_probs=True, cache=cache,
+                                 vocab_size=v)
+        args = (h, w, labels, b, *C.logprobs_to_args(opts), "cuda")
+        torch.library.opcheck(torch.ops.fastpref.logprobs_fwd.default, args)
+        stats, kept = torch.ops.fastpref.logprobs_fwd(*args)
+        rows = C.finish_logprobs(stats, labels, opts)
+        g = torch.randn(n, device="cuda")
+        torch.library.opcheck(torch.ops.fastpref.logprobs_bwd.default,
+                              (g, g, h, w, labels, b, rows.lse, rows.entropy, kept, *C.logprobs_to_args(opts), "cuda",
+                               True, True, True))
+    opts = C.DivergenceOptions(kind=C.Kind.JSD, beta=0.5, entropy=True, cache=True, vocab_size=v)
+    torch.library.opcheck(torch.ops.fastpref.divergence_fwd.default,
+                          (h, w, b, h * 0.5, w, None, None, *C.divergence_to_args(opts), "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.compile
+@needs_gpu
+def test_gpu_compile_fullgraph_backend_cuda(gen):
+    h, w, _ = (None if t is None else t.cuda() for t in make_head(24, 32, 500, dtype=torch.bfloat16, gen=gen))
+    labels = make_labels(24, 500, ignored=0.2, gen=gen).cuda()
+    cuda_ops._load_extension()  # the build happens eagerly, never while tracing
+
+    def f(h, w):
+        out = fp.linear_logprobs(h, w, labels, outputs=("entropy", "is_top1"), backend="cuda")
+        return out.logp.sum() + out.entropy.sum(), out.is_top1
+
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, top1 = torch.compile(f, fullgraph=True)(hl, wl)
+    loss.backward()
+    he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss_e, top1_e = f(he, we)
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e)
+    assert torch.equal(top1, top1_e)
+    torch.testing.assert_close(hl.grad, he.grad)
+    torch.testing.assert_close(wl.grad, we.grad)
 
 
 def _strided_tile(n, c, dtype, pad, offset, gen, device="cuda"):
@@ -558,7 +970,7 @@ def _same_layout(t):
                                              (4096, 0, 0), (32001, 1, 1)])
 def test_gpu_kernels_match_python_model(dtype, cols, pad, offset, gen):
     """Each real epilogue op against the Python model, on odd widths, strides and misaligned rows."""
-    _kernels_vs_model(cuda_ops.load(), dtype, cols, pad, offset, gen, "cuda")
+    _kernels_vs_model(cuda_build.load(), dtype, cols, pad, offset, gen, "cuda")
 
 
 def test_kernel_comparison_harness_on_cpu(gen):
@@ -567,26 +979,31 @@ def test_kernel_comparison_harness_on_cpu(gen):
 
 
 def _kernels_vs_model(ops, dtype, cols, pad, offset, gen, device):
-
-    n, col0, vocab = 9, 5, cols + 11
+    n, col0 = 9, 5
     z = _strided_tile(n, cols, dtype, pad, offset, gen, device)
     zt = _strided_tile(n, cols, dtype, pad + 1, offset, gen, device)
     labels = torch.randint(col0 - 1, col0 + cols + 1, (n,), generator=gen)
     labels[1] = -100
     labels = labels.to(device)
     bias = torch.randn(cols, generator=gen).to(device)
-    f = dict(dtype=torch.float32, device=device)
-    for first, last in [(True, True), (True, False), (False, True)]:
-        state0 = torch.cat([torch.randn(n, 1, generator=gen) + 8, torch.rand(n, 3, generator=gen) + 0.5], 1).to(device)
-        outs = []
-        for impl in (ops, EMULATED):
-            state, logp, ent, lse = state0.clone(), torch.zeros(n, **f), torch.zeros(n, **f), torch.zeros(n, **f)
-            impl.logprobs_stats_fwd(z, labels, bias, state, logp, ent, lse, col0, vocab, -100, 0.8, 7.0, first, last)
-            outs.append((state, logp, ent, lse))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True)
-    stats = torch.cat([torch.randn(n, 2, generator=gen) + 9, torch.rand(n, 1, generator=gen)], 1).to(device)
+    running = C.empty_logprobs_stats(n, torch.empty(0, device=device))
+    running[C.LP_MAX] = torch.randn(n, generator=gen).to(device) + 8
+    for plane in (C.LP_SUM, C.LP_SQ):
+        running[plane] = torch.rand(n, generator=gen).to(device) + 0.5
+    for plane in (C.LP_TARGET, C.LP_ENT, C.LP_ZSUM, C.LP_BEFORE):
+        running[plane] = torch.randn(n, generator=gen).to(device)
+    for stats0 in (C.empty_logprobs_stats(n, running), running):
+        for want, cap in ((15, 7.0), (0, None), (9, None)):
+            outs = []
+            for impl in (ops, EMULATED):
+                stats = stats0.clone()
+                impl.logprobs_stats_fwd(z, labels, bias, stats[:, :], col0, 0.8, cap, want)
+                outs.append(stats)
+            torch.testing.assert_close(outs[0], outs[1], rtol=2e-5, atol=2e-5, equal_nan=True)
+    lse = torch.randn(n, generator=gen).to(device) + 9
+    saved = torch.cat([torch.randn(n, 2, generator=gen) + 9, torch.rand(n, 1, generator=gen)], 1).to(device)
     grad, g_ent = torch.randn(n, generator=gen).to(device), torch.randn(n, generator=gen).to(device)
+    grad[1], g_ent[1] = 0.0, 0.0  # an ignored row
     dz_dtypes = [dtype] + ([torch.bfloat16, torch.float16] if dtype == torch.float32 else [])
     for dz_dtype in dz_dtypes:
         tol = dict(rtol=2e-5, atol=2e-6) if dz_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
@@ -594,9 +1011,7 @@ def _kernels_vs_model(ops, dtype, cols, pad, offset, gen, device):
         for impl in (ops, EMULATED):
             zz = _same_layout(z) if dz_dtype == dtype else z
             dz = None if dz_dtype == dtype else torch.empty(n, cols, dtype=dz_dtype, device=device)
-            impl.logprobs_grad_tile(zz, dz, labels, bias, grad, g_ent, stats[:, 0].contiguous(), stats[:, 2] + 1, col0,
-                                    vocab, -100,
-                                    1.2, 5.0)
+            impl.logprobs_grad_tile(zz, dz, labels, bias, grad, g_ent, lse, saved[:, 2] + 1, col0, 1.2, 5.0)
             res.append(zz if dz is None else dz)
         torch.testing.assert_close(res[0].float(), res[1].float(), **tol, equal_nan=True)
         for kind in (0, 1, 2):
@@ -604,41 +1019,31 @@ def _kernels_vs_model(ops, dtype, cols, pad, offset, gen, device):
             for impl in (ops, EMULATED):
                 zz = _same_layout(z) if dz_dtype == dtype else z
                 dz = None if dz_dtype == dtype else torch.empty(n, cols, dtype=dz_dtype, device=device)
-                impl.divergence_grad_tile(zz, dz, zt, labels, bias, None, grad, stats, -100, kind, 0.3, 0.9, 0.0, 6.0)
+                impl.divergence_grad_tile(zz, dz, zt, bias, None, grad, saved, kind, 0.3, 0.9, None, 1.1, 6.0)
                 res.append(zz if dz is None else dz)
             torch.testing.assert_close(res[0].float(), res[1].float(), **tol)
+    dv0 = C.empty_divergence_stats(n, torch.empty(0, device=device))
+    dv1 = dv0.clone()
+    dv1[C.DV_SMAX], dv1[C.DV_TMAX] = torch.randn(n, generator=gen).to(device) + 8, torch.randn(n, generator=gen).to(device) + 8
+    for plane in (C.DV_SSUM, C.DV_TSUM, C.DV_CROSS, C.DV_SENT, C.DV_KLT, C.DV_KLS):
+        dv1[plane] = torch.rand(n, generator=gen).to(device) + 0.5
+    lse2 = saved[:, :2].contiguous()
     for kind in (0, 1, 2):
         for pass_ in ((0, 1) if kind == 2 else (0,)):
-            for first, last in [(True, True), (True, False), (False, True)]:
-                st0 = torch.cat([torch.randn(n, 1, generator=gen) + 8, torch.rand(n, 2, generator=gen) + 0.5,
-                                 torch.randn(n, 1, generator=gen) + 8, torch.rand(n, 4, generator=gen) + 0.5], 1).to(device)
+            for st0 in (dv0, dv1):
                 outs = []
                 for impl in (ops, EMULATED):
-                    state, div, sts = st0.clone(), torch.zeros(n, **f), stats.clone()
-                    impl.divergence_stats_fwd(z, zt, labels, bias, None, state, div, sts, -100, kind, 0.3, 1.1, 4.0,
-                                              0.0, pass_, first, last)
-                    outs.append((state, div, sts))
-                for a, b in zip(*outs):
-                    torch.testing.assert_close(a, b, rtol=3e-5, atol=3e-5)
+                    st = st0.clone()
+                    impl.divergence_stats_fwd(z, zt, bias, None, st, lse2 if pass_ else None, kind, pass_, True, 0.3,
+                                              1.1, 4.0, 0.7, None)
+                    outs.append(st)
+                torch.testing.assert_close(outs[0], outs[1], rtol=3e-5, atol=3e-5)
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_opcheck_epilogue_ops(gen):
-    ops = cuda_ops.load()
-    for op, args in _op_samples(ops, device="cuda", gen=gen):
-        torch.library.opcheck(op.default, args)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_opcheck_contract_ops(gen):
-    h, w, b = make_head(20, 16, 300, dtype=torch.bfloat16, bias=True, gen=gen)
-    labels = make_labels(20, 300, ignored=0.2, gen=gen)
-    h, w, b, labels = h.cuda(), w.cuda(), b.cuda(), labels.cuda()
-    ops = fp.backends.get_ops("cuda")
-    torch.library.opcheck(ops.logprobs_fwd, (h, w, labels, b, -100, 1.0, None, True))
-    _, ent, lse = ops.logprobs_fwd(h, w, labels, b, -100, 1.0, None, True)
-    g = torch.randn(20, device="cuda")
-    torch.library.opcheck(ops.logprobs_bwd, (g, g, h, w, labels, b, lse, ent, -100, 1.0, None, True, True, True))
-    torch.library.opcheck(ops.divergence_fwd, (h, w, h * 0.5, w, labels, b, None, -100, 2, 0.5, 1.0, None, None))
+    ops = cuda_build.load()
+    for dtype in (torch.float32, torch.bfloat16):
+        for op, args in _op_samples(ops, device="cuda", gen=gen, dtype=dtype):
+            torch.library.opcheck(op.default, args)
