@@ -108,12 +108,30 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+_addmm_out_dtype_ok: dict = {}
+
+
 def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """In place ``acc += a @ b`` with ``acc`` in fp32 / fp64 and any operand dtypes."""
+    """In place ``acc += a @ b`` with ``acc`` in fp32 / fp64 and any operand dtypes.
+
+    16-bit CUDA operands accumulate straight into the fp32 ``acc`` (``addmm(out_dtype=fp32)``, mixed
+    dtypes from torch 2.10; tried once per device and dtype), with no temporary product."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
-        acc += mm_f32(a, b).to(acc.dtype)
+        return
+    if a.is_cuda and _HAS_ADDMM_DTYPE and acc.dtype == torch.float32:
+        key = (a.device.index, a.dtype)
+        if _addmm_out_dtype_ok.get(key, True):
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError) as exc:
+                _addmm_out_dtype_ok[key] = False
+                log.info("fastpref: addmm(out_dtype=float32) with %s operands unavailable (%s)", a.dtype, exc)
+    acc += mm_f32(a, b).to(acc.dtype)
 
 
 def mm_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
