@@ -163,59 +163,82 @@ class TileConfig:
 
 FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 
-# GPU tiles per kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps).
-# Chosen with the ahead-of-time check (benchmarks/aot_check.py: no spills on sm_80 / sm_90a).
+# GPU tiles per GPU class, kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps).
+# Chosen with the ahead-of-time check (benchmarks/aot_check.py): no spills with every flag on, on
+# sm_90a (Hopper: wgmma reads its operands from shared memory, so 128-row tiles fit beside the fp32
+# statistics epilogue; two-head kernels take 64-column tiles) and on sm_80 (Ampere: mma.sync keeps
+# operand fragments in registers too, so smaller tiles).  "ieee" (exact fp32, FMA units) needs no
+# tensor-core shapes: small tiles that do not spill.
 GPU_TILES = {
-    ("logprobs_fwd", "16bit"): (128, 128, 64, 8),
-    ("logprobs_fwd", "tf32"): (128, 128, 32, 8),
-    ("logprobs_fwd", "ieee"): (64, 128, 32, 8),
-    ("logprobs_bwd", "16bit"): (128, 128, 64, 8),
-    ("logprobs_bwd", "tf32"): (128, 128, 32, 8),
-    ("logprobs_bwd", "ieee"): (64, 128, 32, 8),
-    ("divergence_fwd", "16bit"): (128, 64, 64, 8),
-    ("divergence_fwd", "tf32"): (128, 64, 32, 8),
-    ("divergence_fwd", "ieee"): (64, 64, 32, 8),
-    ("divergence_bwd", "16bit"): (128, 64, 64, 8),
-    ("divergence_bwd", "tf32"): (128, 64, 32, 8),
-    ("divergence_bwd", "ieee"): (64, 64, 32, 8),
+    ("sm90", "logprobs_fwd", "16bit"): (128, 64, 64, 8),
+    ("sm90", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
+    ("sm90", "logprobs_fwd", "ieee"): (32, 64, 32, 4),
+    ("sm90", "logprobs_bwd", "16bit"): (128, 64, 64, 8),
+    ("sm90", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
+    ("sm90", "logprobs_bwd", "ieee"): (64, 128, 32, 8),
+    ("sm90", "divergence_fwd", "16bit"): (128, 64, 64, 8),
+    ("sm90", "divergence_fwd", "tf32"): (128, 64, 32, 8),
+    ("sm90", "divergence_fwd", "ieee"): (64, 64, 32, 8),
+    ("sm90", "divergence_bwd", "16bit"): (128, 64, 64, 8),
+    ("sm90", "divergence_bwd", "tf32"): (128, 64, 32, 8),
+    ("sm90", "divergence_bwd", "ieee"): (64, 64, 32, 8),
+    ("sm80", "logprobs_fwd", "16bit"): (64, 128, 64, 8),
+    ("sm80", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
+    ("sm80", "logprobs_fwd", "ieee"): (64, 64, 32, 8),
+    ("sm80", "logprobs_bwd", "16bit"): (64, 128, 64, 8),
+    ("sm80", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
+    ("sm80", "logprobs_bwd", "ieee"): (64, 64, 32, 8),
+    ("sm80", "divergence_fwd", "16bit"): (64, 64, 64, 8),
+    ("sm80", "divergence_fwd", "tf32"): (64, 64, 32, 8),
+    ("sm80", "divergence_fwd", "ieee"): (64, 64, 32, 8),
+    ("sm80", "divergence_bwd", "16bit"): (128, 64, 64, 8),
+    ("sm80", "divergence_bwd", "tf32"): (128, 64, 32, 8),
+    ("sm80", "divergence_bwd", "ieee"): (64, 64, 32, 8),
 }
 _SMEM_SLACK = 16 * 1024  # reduction / layout-conversion scratch beside the operand pipeline
 _OPERAND_BYTES = {"16bit": 2, "tf32": 4, "ieee": 4}
 
 
 def family(kernel: str) -> str:
+    """The launcher family of a kernel name (``divergence_jsd`` runs with the forward's tiles)."""
+    if kernel.startswith("divergence_jsd"):
+        return "divergence_fwd"
     for fam in FAMILIES:
         if kernel.startswith(fam):
             return fam
-    if kernel.startswith("divergence_jsd"):
-        return "divergence_fwd"
     raise ValueError(f"kernel: unknown kernel family {kernel!r}")
 
 
-def gpu_tile_config(kernel: str, operand: str, d_max: int, smem_bytes: int) -> TileConfig:
+def gpu_class(capability: int) -> str:
+    """``"sm90"`` for compute capability >= 9.0 (Hopper and later), else ``"sm80"`` (``capability``: 80, 86, 90...)."""
+    return "sm90" if capability >= 90 else "sm80"
+
+
+def gpu_tile_config(kernel: str, operand: str, d_max: int, capability: int, smem_bytes: int) -> TileConfig:
     """The GPU config of ``kernel`` for operands of class ``operand``, the largest hidden size
-    ``d_max`` and ``smem_bytes`` of shared memory per block (opt-in): 3 pipeline stages when the
-    operand tiles of 3 fit, else 2 (sm_86 / sm_89 with 99 KiB)."""
-    bn, bv, bd_max, warps = GPU_TILES[(family(kernel), operand)]
+    ``d_max``, a GPU of compute ``capability`` (e.g. 80, 90) with ``smem_bytes`` of shared memory per
+    block (opt-in): 3 pipeline stages when the operand tiles of 3 fit, else 2 (sm_86 / sm_89, 99 KiB)."""
+    bn, bv, bd_max, warps = GPU_TILES[(gpu_class(capability), family(kernel), operand)]
     bd = max(16, min(bd_max, triton.next_power_of_2(max(d_max, 1))))
     stage = (bn + bv) * bd * _OPERAND_BYTES[operand]
     stages = 3 if 3 * stage + _SMEM_SLACK <= smem_bytes else 2
     return TileConfig(block_n=bn, block_v=bv, block_d=bd, num_warps=warps, num_stages=stages)
 
 
-def gpu_tile_configs(kernel: str, operand: str, smem_bytes: int) -> list[TileConfig]:
-    """Every config :func:`gpu_tile_config` can return for any hidden size (what the ahead-of-time
-    check compiles), the realistic one (largest ``BLOCK_D``) first."""
+def gpu_tile_configs(kernel: str, operand: str, capability: int, smem_bytes: int) -> list[TileConfig]:
+    """Every config :func:`gpu_tile_config` can return on that GPU for any hidden size (what the
+    ahead-of-time check compiles), the realistic one (largest ``BLOCK_D``) first."""
     out = []
-    for d in (4096, 32, 16):
-        cfg = gpu_tile_config(kernel, operand, d, smem_bytes)
+    for d in (1 << 16, 32, 16):
+        cfg = gpu_tile_config(kernel, operand, d, capability, smem_bytes)
         if cfg not in out:
             out.append(cfg)
     return out
 
 
 def tile_config(kernel: str, device: torch.device, dims: tuple, dtype: torch.dtype) -> TileConfig:
-    """The launch config of ``kernel`` (a family name of :data:`FAMILIES`) for hidden sizes ``dims``.
+    """The launch config of ``kernel`` (a family name of :data:`FAMILIES`) for hidden sizes ``dims``
+    and operands of ``dtype`` (fp32 if either head is).
 
     Interpreter: large tiles on small shapes (its cost is per tile operation, not per element), but
     a D step of 32 so tests still walk several D tiles.
@@ -224,8 +247,9 @@ def tile_config(kernel: str, device: torch.device, dims: tuple, dtype: torch.dty
     if device.type != "cuda" or interpreting():
         bd = max(16, min(32, triton.next_power_of_2(max(d_max, 1))))
         return TileConfig(block_n=64, block_v=256, block_d=bd, num_warps=4, num_stages=1)
-    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
-    return gpu_tile_config(kernel, operand_class(dtype, device), d_max, smem)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return gpu_tile_config(kernel, operand_class(dtype, device), d_max, 10 * props.major + props.minor, smem)
 
 
 def num_vocab_splits(n_row_tiles: int, n_vocab_tiles: int, device: torch.device) -> tuple[int, int]:
