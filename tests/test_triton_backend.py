@@ -84,23 +84,51 @@ def _argmax_labels(labels, h, w, b, gen, share=0.3, **transform):
 # --------------------------------------------------------------------------- linear_logprobs
 
 LOGPROBS_CASES = [
-    # id, dtype, V, ignored, bias, temperature, softcap, logit_scale, outputs, keep_logits, workspace bytes
-    ("fp32-V123-all-outputs", torch.float32, 123, 0.2, False, 1.0, None, 1.0, ALL_OUTPUTS, True, None),
-    ("fp32-V1000-bias-T0.7-scale1.5", torch.float32, 1000, 0.2, True, 0.7, None, 1.5, ALL_OUTPUTS, False, None),
-    ("fp32-V1000-softcap5-logp-only", torch.float32, 1000, 0.0, False, 1.0, 5.0, 2.0, (), True, None),
-    ("fp32-V1000-bias-softcap-4chunks", torch.float32, 1000, 0.2, True, 1.3, 4.0, 0.8, ALL_OUTPUTS, True, 65536),
-    ("fp32-V1000-entropy-cache-chunks", torch.float32, 1000, 0.2, True, 1.0, None, 1.0, ("entropy",), True, 2**19),
-    ("bf16-V1000-bias", torch.bfloat16, 1000, 0.2, True, 1.0, None, 1.0, ALL_OUTPUTS, True, None),
-    ("bf16-V123-softcap-T2", torch.bfloat16, 123, 0.2, False, 2.0, 3.0, 2.0, ALL_OUTPUTS, False, None),
-    ("fp16-V1000-bias-chunks", torch.float16, 1000, 0.2, True, 1.0, None, 1.0, ("entropy", "is_top1"), False, 65536),
+    # id, dtype, V, ignored, bias, temperature, softcap, logit_scale, outputs, backward path (PATHS)
+    ("fp32-V123-all-outputs", torch.float32, 123, 0.2, False, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
+    ("fp32-V1000-bias-T0.7-scale1.5", torch.float32, 1000, 0.2, True, 0.7, None, 1.5, ALL_OUTPUTS, "recompute"),
+    ("fp32-V1000-softcap5-logp-only", torch.float32, 1000, 0.0, False, 1.0, 5.0, 2.0, (), "cache"),
+    ("fp32-V1000-bias-softcap", torch.float32, 1000, 0.2, True, 1.3, 4.0, 0.8, ALL_OUTPUTS, "recompute-chunks"),
+    ("fp32-V1000-entropy", torch.float32, 1000, 0.2, True, 1.0, None, 1.0, ("entropy",), "cache-chunks"),
+    ("bf16-V1000-bias", torch.bfloat16, 1000, 0.2, True, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
+    ("bf16-V123-softcap-T2", torch.bfloat16, 123, 0.2, False, 2.0, 3.0, 2.0, ALL_OUTPUTS, "recompute"),
+    ("fp16-V1000-bias", torch.float16, 1000, 0.2, True, 1.0, None, 1.0, ("entropy", "is_top1"), "cache-chunks"),
 ]
+# Backward paths: logits kept from the forward or recomputed, in one dz chunk or several.  Vocabulary
+# tiles of >= 64 columns in the planner (``narrow_tiles``) let a small budget keep the logits of
+# N=96, V=1000 (all rows in one tile) while the dz workspace beside them takes several chunks.
+PATHS = {  # path -> (workspace bytes per head count, keep_logits, logits kept?, several dz chunks?)
+    "cache": ({1: None, 2: None}, True, True, False),
+    "recompute": ({1: None, 2: None}, False, False, False),
+    "recompute-chunks": ({1: 65536, 2: 65536}, True, False, True),
+    "cache-chunks": ({1: 640 * 1024, 2: 1024 * 1024}, True, True, True),
+}
+
+
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    from fastpref.backends import tiling
+
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+
+
+def _path(path, n, vocab, d, dtype, heads, family):
+    """The settings of a backward path, after checking that they give that path."""
+    ws, keep, cached, chunked = PATHS[path]
+    with settings(ws[heads], keep):
+        planes = _tiles.cache_planes(n, vocab, heads, keep)
+        cfg = _tiles.tile_config(family, torch.device("cpu"), (d,), dtype)
+        cols = _tiles.dz_chunk_columns(n, vocab, dtype.itemsize, cfg.block_v, bool(planes))
+    assert bool(planes) == cached and (cols < vocab) == chunked, f"{path}: planes {planes}, dz chunk {cols}/{vocab}"
+    return settings(ws[heads], keep)
 
 
 @pytest.mark.parametrize(
-    "dtype,vocab,ignored,bias,temperature,softcap,scale,outputs,keep,ws",
-    [c[1:] for c in LOGPROBS_CASES], ids=[c[0] for c in LOGPROBS_CASES],
+    "dtype,vocab,ignored,bias,temperature,softcap,scale,outputs,path",
+    [c[1:] for c in LOGPROBS_CASES], ids=[f"{c[0]}-{c[-1]}" for c in LOGPROBS_CASES],
 )
-def test_logprobs_matches_oracle(gen, dtype, vocab, ignored, bias, temperature, softcap, scale, outputs, keep, ws):
+def test_logprobs_matches_oracle(gen, narrow_tiles, dtype, vocab, ignored, bias, temperature, softcap, scale, outputs,
+                                 path):
     n, d = 96, 37
     h0, w0, b0 = make_head(n, d, vocab, dtype=torch.float64, bias=bias, gen=gen)
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=scale)
@@ -119,7 +147,7 @@ def test_logprobs_matches_oracle(gen, dtype, vocab, ignored, bias, temperature, 
         loss.backward()
         return out, _grads([h, w, b])
 
-    with settings(ws, keep):
+    with _path(path, n, vocab, d, dtype, 1, "logprobs_bwd"):
         got, grads = run(fastpref.linear_logprobs, dtype, backend="triton")
     naive, n_grads = run(reference.linear_logprobs, dtype, precision="native")
     truth, t_grads = run(reference.linear_logprobs, torch.float64, precision="fp64")
@@ -300,32 +328,32 @@ def test_logprobs_fp64_inputs_give_fp64(gen):
 
 DIVERGENCE_CASES = [
     # id, dtype, kind, beta, V, ignored, biases, temperature, (s_softcap, t_softcap), (s_scale, t_scale),
-    # labels?, entropy?, keep_logits, workspace
+    # labels?, entropy?, backward path (PATHS)
     ("fkl-fp32-V123-ign20-entropy", torch.float32, "forward_kl", 0.5, 123, 0.2, False, 1.0, (None, None),
-     (1.0, 1.0), True, True, True, None),
+     (1.0, 1.0), True, True, "cache"),
     ("rkl-fp32-V1000-bias-T0.8-scales", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 0.8, (None, None),
-     (1.3, 0.7), True, True, False, None),
-    ("jsd0.3-fp32-V1000-bias-cache", torch.float32, "jsd", 0.3, 1000, 0.2, True, 1.0, (None, None), (1.0, 1.5),
-     True, False, True, None),
+     (1.3, 0.7), True, True, "recompute"),
+    ("jsd0.3-fp32-V1000-bias", torch.float32, "jsd", 0.3, 1000, 0.2, True, 1.0, (None, None), (1.0, 1.5),
+     True, False, "cache-chunks"),
     ("jsd0.5-fp32-V123-softcaps-nolabels", torch.float32, "jsd", 0.5, 123, 0.0, False, 1.0, (4.0, 6.0),
-     (2.0, 1.0), False, True, False, None),
-    ("rkl-fp32-V1000-softcap-chunks", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (5.0, None),
-     (1.0, 1.0), True, False, True, 65536),
+     (2.0, 1.0), False, True, "recompute"),
+    ("rkl-fp32-V1000-softcap", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (5.0, None),
+     (1.0, 1.0), True, False, "cache-chunks"),
     ("fkl-bf16-V1000-bias-entropy", torch.bfloat16, "forward_kl", 0.5, 1000, 0.2, True, 1.0, (None, None),
-     (0.8, 1.2), True, True, True, None),
+     (0.8, 1.2), True, True, "cache"),
     ("jsd0.7-bf16-V123-ign100", torch.bfloat16, "jsd", 0.7, 123, 1.0, False, 1.0, (None, None), (1.0, 1.0),
-     True, True, False, None),
-    ("rkl-bf16-V1000-chunks-cache", torch.bfloat16, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (None, 8.0),
-     (1.0, 1.0), True, True, True, 2**20),
+     True, True, "recompute"),
+    ("rkl-bf16-V1000", torch.bfloat16, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (None, 8.0),
+     (1.0, 1.0), True, True, "recompute-chunks"),
 ]
 
 
 @pytest.mark.parametrize(
-    "dtype,kind,beta,vocab,ignored,biases,temperature,softcaps,scales,with_labels,entropy,keep,ws",
-    [c[1:] for c in DIVERGENCE_CASES], ids=[c[0] for c in DIVERGENCE_CASES],
+    "dtype,kind,beta,vocab,ignored,biases,temperature,softcaps,scales,with_labels,entropy,path",
+    [c[1:] for c in DIVERGENCE_CASES], ids=[f"{c[0]}-{c[-1]}" for c in DIVERGENCE_CASES],
 )
-def test_divergence_matches_oracle(gen, dtype, kind, beta, vocab, ignored, biases, temperature, softcaps, scales,
-                                   with_labels, entropy, keep, ws):
+def test_divergence_matches_oracle(gen, narrow_tiles, dtype, kind, beta, vocab, ignored, biases, temperature, softcaps,
+                                   scales, with_labels, entropy, path):
     n, ds, dt = 96, 37, 50
     hs0, ws0, bs0 = make_head(n, ds, vocab, dtype=torch.float64, bias=biases, gen=gen)
     ht0, wt0, bt0 = make_head(n, dt, vocab, dtype=torch.float64, bias=biases, gen=gen)
@@ -344,7 +372,7 @@ def test_divergence_matches_oracle(gen, dtype, kind, beta, vocab, ignored, biase
         (div.double() * g).sum().backward()
         return div, ent, _grads([hs, w, bs])
 
-    with settings(ws, keep):
+    with _path(path, n, vocab, ds, dtype, 2, "divergence_bwd"):
         div, ent, grads = run(fastpref.linear_divergence, dtype, backend="triton")
     n_div, n_ent, n_grads = run(reference.linear_divergence, dtype, precision="native")
     t_div, t_ent, t_grads = run(reference.linear_divergence, torch.float64, precision="fp64")
