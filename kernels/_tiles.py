@@ -164,11 +164,12 @@ class TileConfig:
 FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 
 # GPU tiles per GPU class, kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps).
-# Chosen with the ahead-of-time check (benchmarks/aot_check.py): no spills with every flag on, on
-# sm_90a (Hopper: wgmma reads its operands from shared memory, so 128-row tiles fit beside the fp32
-# statistics epilogue; two-head kernels take 64-column tiles) and on sm_80 (Ampere: mma.sync keeps
-# operand fragments in registers too, so smaller tiles).  "ieee" (exact fp32, FMA units) needs no
-# tensor-core shapes: small tiles that do not spill.
+# Chosen with the ahead-of-time check (benchmarks/aot_check.py, results in benchmarks/results/aot-*.md):
+# no spills with every flag on, with Triton 3.6 (the GPU machine's) and 3.7, on sm_90a (Hopper: wgmma
+# reads its operands from shared memory, so 128-row tiles fit beside the fp32 statistics epilogue;
+# the two-head kernels and the 16-bit logprobs forward, whose epilogue holds the most, take 64-column
+# tiles) and on sm_80 (Ampere: mma.sync keeps operand fragments in registers too, so smaller tiles).
+# "ieee" (exact fp32 on the FMA units) needs no tensor-core shapes: small tiles that do not spill.
 GPU_TILES = {
     ("sm90", "logprobs_fwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "logprobs_fwd", "tf32"): (64, 128, 32, 8),

@@ -58,7 +58,6 @@ from ._tiles import (
 # Kinds and statistic planes as compile-time constants of the kernels (the values of ``contract``).
 FORWARD_KL = tl.constexpr(int(C.Kind.FORWARD_KL))
 REVERSE_KL = tl.constexpr(int(C.Kind.REVERSE_KL))
-JSD = tl.constexpr(int(C.Kind.JSD))
 DV_SMAX = tl.constexpr(C.DV_SMAX)
 DV_SSUM = tl.constexpr(C.DV_SSUM)
 DV_TMAX = tl.constexpr(C.DV_TMAX)
@@ -246,7 +245,7 @@ def _divergence_bwd_dz_kernel(
     elif KIND == REVERSE_KL:
         aux = tl.load(saved_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
         dz = ps * (log_ps - log_pt - aux[:, None])
-    else:
+    else:  # JSD
         aux = tl.load(saved_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
         log_m = _log_mixture(log_ps, log_pt, log_beta, log_1m_beta)
         dz = one_m_beta * ps * (log_ps - log_m - aux[:, None])
