@@ -287,19 +287,24 @@ def _ptxas_version(path: str) -> str:
 
 
 def table(results: list[dict]) -> str:
+    """Markdown: one row per compile (with a column for ``--ptxas``'s registers / spills when it ran)."""
+    other = any("other_ptxas" in r for r in results)
     head = ("| kernel | mode | flags | operands | arch | BLOCK N×V×D | warps | stages | regs | spills st/ld B "
-            "| smem KiB | tensor cores | ok |")
+            "| smem KiB | tensor cores |" + (" --ptxas regs, spills B |" if other else "") + " ok |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
+        cells = [r["kernel"], r["mode"] or "-", r["flags"], r["operand"], r["arch"], r["block"], str(r["num_warps"]),
+                 str(r["num_stages"])]
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r['mode']} | {r['flags']} | {r['operand']} | {r['arch']} | {r['block']} "
-                         f"| {r['num_warps']} | {r['num_stages']} | | | | | compile error: {r['error']} |")
-            continue
-        lines.append(
-            f"| {r['kernel']} | {r['mode'] or '-'} | {r['flags']} | {r['operand']} | {r['arch']} | {r['block']} "
-            f"| {r['num_warps']} | {r['num_stages']} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} "
-            f"| {r['smem'] / 1024:.0f} | {r['tensor_cores']} | {'yes' if r['ok'] else '**no**: ' + '; '.join(r['problems'])} |"
-        )
+            cells += [""] * (4 + other) + [f"compile error: {r['error']}"]
+        else:
+            cells += [str(r["regs"]), f"{r['spill_stores']}/{r['spill_loads']}", f"{r['smem'] / 1024:.0f}",
+                      r["tensor_cores"]]
+            if other:
+                o = r.get("other_ptxas") or {}
+                cells.append(o.get("error", "")[:60] or f"{o.get('regs')}, {o.get('spill_stores')}/{o.get('spill_loads')}")
+            cells.append("yes" if r["ok"] else "**no**: " + "; ".join(r["problems"]))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
