@@ -316,12 +316,12 @@ def run(args) -> int:
     import triton
 
     todo = jobs(full=args.full, archs=args.archs, operands=args.operands, kernels=args.kernels)
-    cache = tempfile.mkdtemp(prefix="fastpref-aot-")
-    os.environ["TRITON_CACHE_DIR"] = cache  # cold compiles, and Triton's ptxas report for every one of them
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(compile_one, todo, itertools.repeat(args.ptxas), chunksize=1))
+    with tempfile.TemporaryDirectory(prefix="fastpref-aot-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # cold compiles, and Triton's ptxas report for every one of them
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(compile_one, todo, itertools.repeat(args.ptxas), chunksize=1))
     wall = time.perf_counter() - t0
     bundled = _triton_ptxas()
     failed = [r for r in results if not r["ok"]]
