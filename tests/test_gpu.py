@@ -140,15 +140,15 @@ def test_logprobs_llama3_bf16(gen, shape):
         _check(name, a, nv, tv, torch.bfloat16)
 
 
-LOGPROBS_CASES = [
-    ("fp32-V32001-bias-T0.7", torch.float32, 32001, True, 0.7, None, 1.0),
-    ("bf16-V32001-softcap30-scale1.3", torch.bfloat16, 32001, False, 1.0, 30.0, 1.3),
-    ("bf16-V50257-bias", torch.bfloat16, 50257, True, 1.0, None, 1.0),
+LOGPROBS_CASES = [  # id, dtype, V, bias, temperature, softcap, logit_scale, keep the logits?
+    ("fp32-V32001-bias-T0.7-recomputed", torch.float32, 32001, True, 0.7, None, 1.0, False),
+    ("bf16-V32001-softcap30-scale1.3-kept", torch.bfloat16, 32001, False, 1.0, 30.0, 1.3, True),
+    ("bf16-V50257-bias-recomputed", torch.bfloat16, 50257, True, 1.0, None, 1.0, False),
+    ("fp32-V50257-kept", torch.float32, 50257, False, 1.0, None, 1.0, True),
 ]
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["logits-kept", "recomputed"])
-@pytest.mark.parametrize("dtype,vocab,bias,temperature,softcap,scale", [c[1:] for c in LOGPROBS_CASES],
+@pytest.mark.parametrize("dtype,vocab,bias,temperature,softcap,scale,keep", [c[1:] for c in LOGPROBS_CASES],
                          ids=[c[0] for c in LOGPROBS_CASES])
 def test_logprobs_vs_fp64_oracle(gen, dtype, vocab, bias, temperature, softcap, scale, keep):
     """Every output (entropy, log sum p^2, mean logit, is_top1) and the gradients; the N x V fp32 logits
@@ -186,9 +186,15 @@ def test_logprobs_vs_fp64_oracle(gen, dtype, vocab, bias, temperature, softcap, 
         _check(name, a, nv, tv, dtype)
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["logits-kept", "recomputed"])
-@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DIVERGENCE_CASES = [  # (dtype, kind, beta, keep the logits?): each kind on both paths across the dtypes
+    (torch.float32, "forward_kl", 0.5, True), (torch.float32, "reverse_kl", 0.5, False), (torch.float32, "jsd", 0.3, True),
+    (torch.bfloat16, "forward_kl", 0.5, False), (torch.bfloat16, "reverse_kl", 0.5, True),
+    (torch.bfloat16, "jsd", 0.3, False),
+]
+
+
+@pytest.mark.parametrize("dtype,kind,beta,keep", DIVERGENCE_CASES,
+                         ids=[f"{str(c[0])[6:]}-{c[1]}-{'kept' if c[3] else 'recomputed'}" for c in DIVERGENCE_CASES])
 def test_divergence_vs_fp64_oracle(gen, kind, beta, dtype, keep):
     """Per-head logit scales and softcap, the student entropy; both heads' logits (2 x 64 MB) fit the
     default budget, so ``keep`` decides whether the JSD pass and the backward recompute them."""
