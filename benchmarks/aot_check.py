@@ -206,7 +206,8 @@ def compile_one(job: dict, ptxas: str | None = None) -> dict:
                                target=GPUTarget("cuda", job["capability"], 32),
                                options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
     except Exception as exc:  # a compile failure is a result, not a crash of the whole check
-        res.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        res.update(ok=False, error=f"{type(exc).__name__}: {last[:300]}", problems=["compile error"],
                    seconds=time.perf_counter() - t0)
         return res
     res["seconds"] = time.perf_counter() - t0

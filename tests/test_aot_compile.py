@@ -84,3 +84,25 @@ def test_the_check_compiles_every_config_the_launchers_choose(capability, smem):
                 assert cfg in listed, (fam, operand, d, cfg)
                 stage = (cfg.block_n + cfg.block_v) * cfg.block_d * (2 if operand == "16bit" else 4)
                 assert cfg.num_stages * stage <= smem
+
+
+def test_ptxas_reports_are_read_and_judged():
+    """The parser on ptxas's own words (a spilling sm_90a compile of this machine's ptxas 13.0), and the
+    verdict on it: a check whose parser always read 0 would pass everything."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aot_check", SCRIPT)
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    log = ("ptxas info    : 0 bytes gmem\n"
+           "ptxas info    : Compiling entry function 'kern' for 'sm_90a'\n"
+           "ptxas info    : Function properties for kern\n"
+           "    80 bytes stack frame, 88 bytes spill stores, 80 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 16 bytes smem, 80 bytes cumulative stack size\n")
+    got = aot.parse_ptxas(log)
+    assert got == dict(regs=255, spill_stores=88, spill_loads=80, stack=80, static_smem=16)
+    res = aot.judge(dict(got, num_warps=8, dynamic_smem=230 * 1024, smem_limit=227 * 1024))
+    assert not res["ok"] and len(res["problems"]) == 2  # spills, and shared memory over the limit
+    clean = aot.judge(dict(got, spill_stores=0, spill_loads=0, num_warps=8, dynamic_smem=0, smem_limit=227 * 1024))
+    assert clean["ok"]
+    assert not aot.judge(dict(clean, num_warps=16))["ok"]  # 255 registers x 512 threads > 64K
