@@ -146,7 +146,7 @@ def jobs(full: bool = False, archs=None, operands=None, kernels=None) -> list[di
                             mode=",".join(f"{k}={int(v)}" for k, v in mode.items()), flags=flag_name,
                             features=sorted(on), constexprs=_constexprs(kernel, on, mode, operand, cfg),
                             block=f"{cfg.block_n}x{cfg.block_v}x{cfg.block_d}", num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages,
+                            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
                         ))
     return out
 
@@ -204,7 +204,8 @@ def compile_one(job: dict, ptxas: str | None = None) -> dict:
         with contextlib.redirect_stdout(buf):
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=job["constexprs"], attrs=attrs),
                                target=GPUTarget("cuda", job["capability"], 32),
-                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"],
+                                            **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {})))
     except Exception as exc:  # a compile failure is a result, not a crash of the whole check
         last = (str(exc).strip().splitlines() or [""])[-1]
         res.update(ok=False, error=f"{type(exc).__name__}: {last[:300]}", problems=["compile error"],
@@ -294,7 +295,8 @@ def table(results: list[dict]) -> str:
             "| smem KiB | tensor cores |" + (" --ptxas regs, spills B |" if other else "") + " ok |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
-        cells = [r["kernel"], r["mode"] or "-", r["flags"], r["operand"], r["arch"], r["block"], str(r["num_warps"]),
+        warps = str(r["num_warps"]) + (f" (maxnreg {r['maxnreg']})" if r.get("maxnreg") else "")
+        cells = [r["kernel"], r["mode"] or "-", r["flags"], r["operand"], r["arch"], r["block"], warps,
                  str(r["num_stages"])]
         if r.get("error"):
             cells += [""] * (4 + other) + [f"compile error: {r['error']}"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -159,40 +160,53 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8
+    maxnreg: Optional[int] = None  # ptxas register cap (None: ptxas's own choice)
+
+    def launch_options(self) -> dict:
+        """``num_warps`` / ``num_stages`` (/ ``maxnreg``) for a kernel launch."""
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 
-# GPU tiles per GPU class, kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps).
+# GPU tiles per GPU class, kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps[,
+# maxnreg]).
 # Chosen with the ahead-of-time check (benchmarks/aot_check.py, results in benchmarks/results/aot-*.md):
 # no spills with every flag on, with Triton 3.6 (the GPU machine's) and 3.7, on sm_90a (Hopper: wgmma
 # reads its operands from shared memory, so 128-row tiles fit beside the fp32 statistics epilogue;
 # the two-head kernels and the 16-bit logprobs forward, whose epilogue holds the most, take 64-column
 # tiles) and on sm_80 (Ampere: mma.sync keeps operand fragments in registers too, so smaller tiles).
 # "ieee" (exact fp32 on the FMA units) needs no tensor-core shapes: small tiles that do not spill.
+# A fifth entry, 255, is a register cap (``maxnreg``) for configs where ptxas otherwise caps itself at
+# 128 registers (two 256-thread blocks per SM) or 80 and spills a few bytes to get there (the full
+# sweep found 4-32 B, in some flag combinations only): with the cap explicit it keeps every value in
+# registers.
 GPU_TILES = {
     ("sm90", "logprobs_fwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
-    ("sm90", "logprobs_fwd", "ieee"): (32, 64, 32, 4),
+    ("sm90", "logprobs_fwd", "ieee"): (32, 64, 32, 4, 255),
     ("sm90", "logprobs_bwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
     ("sm90", "logprobs_bwd", "ieee"): (64, 128, 32, 8),
     ("sm90", "divergence_fwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "divergence_fwd", "tf32"): (128, 64, 32, 8),
-    ("sm90", "divergence_fwd", "ieee"): (64, 64, 32, 8),
+    ("sm90", "divergence_fwd", "ieee"): (64, 64, 32, 8, 255),
     ("sm90", "divergence_bwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "divergence_bwd", "tf32"): (128, 64, 32, 8),
     ("sm90", "divergence_bwd", "ieee"): (64, 64, 32, 8),
     ("sm80", "logprobs_fwd", "16bit"): (64, 128, 64, 8),
     ("sm80", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
-    ("sm80", "logprobs_fwd", "ieee"): (64, 64, 32, 8),
-    ("sm80", "logprobs_bwd", "16bit"): (64, 128, 64, 8),
+    ("sm80", "logprobs_fwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm80", "logprobs_bwd", "16bit"): (64, 128, 64, 8, 255),
     ("sm80", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
-    ("sm80", "logprobs_bwd", "ieee"): (64, 64, 32, 8),
+    ("sm80", "logprobs_bwd", "ieee"): (64, 64, 32, 8, 255),
     ("sm80", "divergence_fwd", "16bit"): (64, 64, 64, 8),
     ("sm80", "divergence_fwd", "tf32"): (64, 64, 32, 8),
-    ("sm80", "divergence_fwd", "ieee"): (64, 64, 32, 8),
-    ("sm80", "divergence_bwd", "16bit"): (128, 64, 64, 8),
+    ("sm80", "divergence_fwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm80", "divergence_bwd", "16bit"): (128, 64, 64, 8, 255),
     ("sm80", "divergence_bwd", "tf32"): (128, 64, 32, 8),
     ("sm80", "divergence_bwd", "ieee"): (64, 64, 32, 8),
 }
@@ -219,11 +233,12 @@ def gpu_tile_config(kernel: str, operand: str, d_max: int, capability: int, smem
     """The GPU config of ``kernel`` for operands of class ``operand``, the largest hidden size
     ``d_max``, a GPU of compute ``capability`` (e.g. 80, 90) with ``smem_bytes`` of shared memory per
     block (opt-in): 3 pipeline stages when the operand tiles of 3 fit, else 2 (sm_86 / sm_89, 99 KiB)."""
-    bn, bv, bd_max, warps = GPU_TILES[(gpu_class(capability), family(kernel), operand)]
+    bn, bv, bd_max, warps, *cap = GPU_TILES[(gpu_class(capability), family(kernel), operand)]
     bd = max(16, min(bd_max, triton.next_power_of_2(max(d_max, 1))))
     stage = (bn + bv) * bd * _OPERAND_BYTES[operand]
     stages = 3 if 3 * stage + _SMEM_SLACK <= smem_bytes else 2
-    return TileConfig(block_n=bn, block_v=bv, block_d=bd, num_warps=warps, num_stages=stages)
+    return TileConfig(block_n=bn, block_v=bv, block_d=bd, num_warps=warps, num_stages=stages,
+                      maxnreg=cap[0] if cap else None)
 
 
 def gpu_tile_configs(kernel: str, operand: str, capability: int, smem_bytes: int) -> list[TileConfig]:

@@ -306,8 +306,7 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
     splits, per = num_vocab_splits(n_row_tiles, triton.cdiv(vocab, cfg.block_v), dev)
     tensors, scalars, flags = _heads(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, opts)
     cached = cache.numel() > 0
-    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **cfg.launch_options())
 
     if lse_st is None:
         part = torch.empty(splits, C.DV_PLANES, n, dtype=torch.float32, device=dev)
@@ -359,7 +358,7 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
             *scalars, *C.log_mixture_consts(opts.beta), 1.0 - opts.beta,
             KIND=int(opts.kind), **flags, NEED_BIAS=need_bias, FROM_CACHE=cached,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cfg.launch_options(),
         )
         acc.begin_chunk(v0, v0 + width)
         acc.add(dz[:, :width], s_hidden, s_weight[v0:v0 + width], 0, n, v0, v0 + width,

@@ -228,7 +228,7 @@ def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         WITH_ENTROPY=opts.entropy, WITH_SQ=opts.log_sum_sq_probs, WITH_ZSUM=opts.mean_logits,
         WITH_BEFORE=opts.is_top1, STORE_CACHE=cache.numel() > 0,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     return C.merge_logprobs(part), cache
 
@@ -273,7 +273,7 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
             HEAD=head_flags(bias, cap, hidden.dtype, dev),
             WITH_ENTROPY=with_entropy, NEED_BIAS=need_bias, FROM_CACHE=cached,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cfg.launch_options(),
         )
         acc.begin_chunk(v0, v0 + width)
         acc.add(dz[:, :width], hidden, weight[v0:v0 + width], 0, n, v0, v0 + width,
