@@ -179,7 +179,8 @@ FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 # reads its operands from shared memory, so 128-row tiles fit beside the fp32 statistics epilogue;
 # the two-head kernels and the 16-bit logprobs forward, whose epilogue holds the most, take 64-column
 # tiles) and on sm_80 (Ampere: mma.sync keeps operand fragments in registers too, so smaller tiles).
-# "ieee" (exact fp32 on the FMA units) needs no tensor-core shapes: small tiles that do not spill.
+# "ieee" (exact fp32 on the FMA units) needs no tensor-core shapes: small tiles that do not spill
+# (the FMA dot holds both operand fragments in registers: 16-wide D steps).
 # A fifth entry, 255, is a register cap (``maxnreg``) for configs where ptxas otherwise caps itself at
 # 128 registers (two 256-thread blocks per SM) or 80 and spills a few bytes to get there (the full
 # sweep found 4-32 B, in some flag combinations only): with the cap explicit it keeps every value in
@@ -187,25 +188,25 @@ FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 GPU_TILES = {
     ("sm90", "logprobs_fwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
-    ("sm90", "logprobs_fwd", "ieee"): (32, 64, 32, 4, 255),
+    ("sm90", "logprobs_fwd", "ieee"): (64, 64, 16, 8, 255),
     ("sm90", "logprobs_bwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
     ("sm90", "logprobs_bwd", "ieee"): (64, 128, 32, 8),
     ("sm90", "divergence_fwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "divergence_fwd", "tf32"): (128, 64, 32, 8),
-    ("sm90", "divergence_fwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm90", "divergence_fwd", "ieee"): (64, 64, 16, 8, 255),
     ("sm90", "divergence_bwd", "16bit"): (128, 64, 64, 8),
     ("sm90", "divergence_bwd", "tf32"): (128, 64, 32, 8),
     ("sm90", "divergence_bwd", "ieee"): (64, 64, 32, 8),
     ("sm80", "logprobs_fwd", "16bit"): (64, 128, 64, 8),
     ("sm80", "logprobs_fwd", "tf32"): (64, 128, 32, 8),
-    ("sm80", "logprobs_fwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm80", "logprobs_fwd", "ieee"): (64, 64, 16, 8, 255),
     ("sm80", "logprobs_bwd", "16bit"): (64, 128, 64, 8, 255),
     ("sm80", "logprobs_bwd", "tf32"): (128, 64, 32, 8),
-    ("sm80", "logprobs_bwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm80", "logprobs_bwd", "ieee"): (64, 64, 16, 8, 255),
     ("sm80", "divergence_fwd", "16bit"): (64, 64, 64, 8),
     ("sm80", "divergence_fwd", "tf32"): (64, 64, 32, 8),
-    ("sm80", "divergence_fwd", "ieee"): (64, 64, 32, 8, 255),
+    ("sm80", "divergence_fwd", "ieee"): (64, 64, 16, 8, 255),
     ("sm80", "divergence_bwd", "16bit"): (128, 64, 64, 8, 255),
     ("sm80", "divergence_bwd", "tf32"): (128, 64, 32, 8),
     ("sm80", "divergence_bwd", "ieee"): (64, 64, 32, 8),
