@@ -175,7 +175,7 @@ FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 # GPU tiles per GPU class, kernel family and operand class: (BLOCK_N, BLOCK_V, largest BLOCK_D, num_warps[,
 # maxnreg]).
 # Chosen with the ahead-of-time check (benchmarks/aot_check.py, results in benchmarks/results/aot-*.md):
-# no spills with every flag on, with Triton 3.6 (the GPU machine's) and 3.7, on sm_90a (Hopper: wgmma
+# no spill in any flag combination (--full), with Triton 3.6 (the GPU machine's) and 3.7, on sm_90a (Hopper: wgmma
 # reads its operands from shared memory, so 128-row tiles fit beside the fp32 statistics epilogue;
 # the two-head kernels and the 16-bit logprobs forward, whose epilogue holds the most, take 64-column
 # tiles) and on sm_80 (Ampere: mma.sync keeps operand fragments in registers too, so smaller tiles).
@@ -183,7 +183,7 @@ FAMILIES = ("logprobs_fwd", "logprobs_bwd", "divergence_fwd", "divergence_bwd")
 # (the FMA dot holds both operand fragments in registers: 16-wide D steps).
 # A fifth entry, 255, is a register cap (``maxnreg``) for configs where ptxas otherwise caps itself at
 # 128 registers (two 256-thread blocks per SM) or 80 and spills a few bytes to get there (the full
-# sweep found 4-32 B, in some flag combinations only): with the cap explicit it keeps every value in
+# sweep found 4-36 B, in some flag combinations only): with the cap explicit it keeps every value in
 # registers.
 GPU_TILES = {
     ("sm90", "logprobs_fwd", "16bit"): (128, 64, 64, 8),
