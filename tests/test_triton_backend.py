@@ -1,19 +1,17 @@
-"""Triton backend under the interpreter (CPU): forward values and gradients against the fp64
-oracle, judged by the kernel error vs PyTorch's own error in the same dtype:
+"""Triton backend under the interpreter (CPU): every output of the contract against the fp64 oracle by
+the accuracy rule (tests/conftest.py), both backward paths (logits kept from the forward / recomputed),
+vocabulary slices merged by ``contract.merge_logprobs``, ``is_top1`` on exact ties, and the four
+registered ops under ``opcheck`` (fake cache shapes included).
 
-    max|out - truth| <= 2 * max|naive_same_dtype - truth| + floor
-
-``naive_same_dtype`` is the oracle with ``precision="native"``; both errors are printed
-(``pytest -s``) so the headroom shows.  Shapes are small and odd on purpose (V = 123 and 1000,
-D = 37, N = 96: partial row, vocabulary and D tiles; two vocabulary splits; several dz chunks
-where the workspace is shrunk).
+Shapes are small and odd on purpose (V = 123, 300 and 1000, D = 37, N = 96: partial row, vocabulary and
+D tiles; two vocabulary splits per forward; several ``dz`` chunks where the workspace is shrunk).
 """
 
+import contextlib
 import os
+from dataclasses import replace
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
-
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -21,9 +19,11 @@ pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
 import torch  # noqa: E402
+from conftest import assert_accurate, make_head, make_labels  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref import reference  # noqa: E402
+from fastpref.backends import contract as C  # noqa: E402
 from fastpref.backends.contract import (  # noqa: E402
     DivergenceOptions,
     Kind,
@@ -37,6 +37,8 @@ from fastpref.backends.contract import (  # noqa: E402
 from fastpref.primitives import logprobs_rows  # noqa: E402
 
 try:
+    from fastpref.kernels import _tiles
+    from fastpref.kernels import linear_divergence as _div_kernels
     from fastpref.kernels import linear_logprobs as _lp_kernels
     from triton.runtime.interpreter import InterpretedFunction
 except Exception as exc:  # pragma: no cover - reported as a skip reason
@@ -47,118 +49,221 @@ if not isinstance(_lp_kernels._logprobs_fwd_kernel, InterpretedFunction):
         "process)", allow_module_level=True,
     )
 
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}  # x (1 + max|truth|): a few ulps of the output scale
+ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+GRAD_NAMES = ("d_hidden", "d_weight", "d_bias")
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(1234)
-
-
-@pytest.fixture
-def workspace():
-    """Yields a setter for the dz workspace; restores the process-wide value afterwards."""
-    old = fastpref.get_workspace_bytes()
-    yield fastpref.set_workspace_bytes
-    fastpref.set_workspace_bytes(old)
-
-
-def _check(name, out, naive, truth, dtype):
-    truth = truth.detach().double()
-    e_out = (out.detach().double() - truth).abs().max().item()
-    e_naive = (naive.detach().double() - truth).abs().max().item()
-    floor = FLOOR[dtype] * (1.0 + truth.abs().max().item())
-    print(f"  {name:<8} triton err {e_out:.3e}   naive {dtype} err {e_naive:.3e}   floor {floor:.1e}")
-    assert math.isfinite(e_out), f"{name}: non-finite output"
-    assert e_out <= 2.0 * e_naive + floor, f"{name}: error {e_out:.3e} > 2 x naive {e_naive:.3e} + {floor:.1e}"
+@contextlib.contextmanager
+def settings(workspace=None, keep_logits=True):
+    """The workspace budget and the logits cache switch for one block; restored afterwards."""
+    old = fastpref.get_workspace_bytes(), fastpref.get_keep_logits()
+    fastpref.set_workspace_bytes(workspace or old[0])
+    fastpref.set_keep_logits(keep_logits)
+    try:
+        yield
+    finally:
+        fastpref.set_workspace_bytes(old[0])
+        fastpref.set_keep_logits(old[1])
 
 
 def _leaf(t, dtype, requires_grad=True):
-    return t.detach().to(dtype).clone().requires_grad_(requires_grad)
-
-
-def _labels(gen, n, vocab, ignored):
-    labels = torch.randint(0, vocab, (n,), generator=gen)
-    if ignored >= 1.0:
-        return torch.full_like(labels, -100)
-    drop = torch.rand(n, generator=gen) < ignored
-    return torch.where(drop, torch.full_like(labels, -100), labels)
-
-
-def _head(gen, n, d, vocab, scale, bias):
-    h = torch.randn(n, d, generator=gen)
-    w = torch.randn(vocab, d, generator=gen) * (scale / math.sqrt(d))
-    b = torch.randn(vocab, generator=gen) * 0.5 if bias else None
-    return h, w, b
+    return None if t is None else t.detach().to(dtype).clone().requires_grad_(requires_grad)
 
 
 def _grads(tensors):
-    return [None if t is None or t.grad is None else t.grad for t in tensors]
+    return [None if t is None else t.grad for t in tensors]
+
+
+def _argmax_labels(labels, h, w, b, gen, share=0.3, **transform):
+    """Set about ``share`` of the counted labels to their row's fp64 argmax, so ``is_top1`` is True there."""
+    z = reference.materialize_logits(h.double(), w.double(), None if b is None else b.double(), **transform)
+    pick = (torch.rand(labels.shape, generator=gen) < share) & (labels != -100)
+    return torch.where(pick, z.argmax(-1), labels)
 
 
 # --------------------------------------------------------------------------- linear_logprobs
 
 LOGPROBS_CASES = [
-    # id, dtype, V, ignored fraction, bias, temperature, softcap, entropy, logit scale, workspace bytes
-    ("fp32-V123-ign20-entropy", torch.float32, 123, 0.2, False, 1.0, None, True, 2.0, None),
-    ("fp32-V1000-bias-T0.7", torch.float32, 1000, 0.2, True, 0.7, None, True, 2.0, None),
-    ("fp32-V1000-softcap5", torch.float32, 1000, 0.0, False, 1.0, 5.0, True, 6.0, None),
-    ("fp32-V1000-nolentropy", torch.float32, 1000, 0.2, True, 1.0, None, False, 2.0, None),
-    ("fp32-V1000-bias-4chunks", torch.float32, 1000, 0.2, True, 1.3, 4.0, True, 4.0, 65536),
-    ("bf16-V1000-bias", torch.bfloat16, 1000, 0.2, True, 1.0, None, True, 2.0, None),
-    ("bf16-V123-softcap-T2", torch.bfloat16, 123, 0.2, False, 2.0, 3.0, True, 6.0, None),
-    ("bf16-V1000-bias-chunks", torch.bfloat16, 1000, 0.2, True, 1.0, None, True, 2.0, 65536),
+    # id, dtype, V, ignored, bias, temperature, softcap, logit_scale, outputs, backward path (PATHS)
+    ("fp32-V123-all-outputs", torch.float32, 123, 0.2, False, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
+    ("fp32-V1000-bias-T0.7-scale1.5", torch.float32, 1000, 0.2, True, 0.7, None, 1.5, ALL_OUTPUTS, "recompute"),
+    ("fp32-V1000-softcap5-logp-only", torch.float32, 1000, 0.0, False, 1.0, 5.0, 2.0, (), "cache"),
+    ("fp32-V1000-bias-softcap", torch.float32, 1000, 0.2, True, 1.3, 4.0, 0.8, ALL_OUTPUTS, "recompute-chunks"),
+    ("fp32-V1000-entropy", torch.float32, 1000, 0.2, True, 1.0, None, 1.0, ("entropy",), "cache-chunks"),
+    ("bf16-V1000-bias", torch.bfloat16, 1000, 0.2, True, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
+    ("bf16-V123-softcap-T2", torch.bfloat16, 123, 0.2, False, 2.0, 3.0, 2.0, ALL_OUTPUTS, "recompute"),
+    ("fp16-V1000-bias", torch.float16, 1000, 0.2, True, 1.0, None, 1.0, ("entropy", "is_top1"), "cache-chunks"),
 ]
+# Backward paths: logits kept from the forward or recomputed, in one dz chunk or several.  Vocabulary
+# tiles of >= 64 columns in the planner (``narrow_tiles``) let a small budget keep the logits of
+# N=96, V=1000 (all rows in one tile) while the dz workspace beside them takes several chunks.
+PATHS = {  # path -> (workspace bytes per head count, keep_logits, logits kept?, several dz chunks?)
+    "cache": ({1: None, 2: None}, True, True, False),
+    "recompute": ({1: None, 2: None}, False, False, False),
+    "recompute-chunks": ({1: 65536, 2: 65536}, True, False, True),
+    "cache-chunks": ({1: 640 * 1024, 2: 1024 * 1024}, True, True, True),
+}
+
+
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    from fastpref.backends import tiling
+
+    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
+
+
+def _path(path, n, vocab, d, dtype, heads, family):
+    """The settings of a backward path, after checking that they give that path."""
+    ws, keep, cached, chunked = PATHS[path]
+    with settings(ws[heads], keep):
+        planes = _tiles.cache_planes(n, vocab, heads, keep)
+        cfg = _tiles.tile_config(family, torch.device("cpu"), (d,), dtype)
+        cols = _tiles.dz_chunk_columns(n, vocab, dtype.itemsize, cfg.block_v, bool(planes))
+    assert bool(planes) == cached and (cols < vocab) == chunked, f"{path}: planes {planes}, dz chunk {cols}/{vocab}"
+    return settings(ws[heads], keep)
 
 
 @pytest.mark.parametrize(
-    "dtype,vocab,ignored,bias,temperature,softcap,entropy,scale,ws",
-    [c[1:] for c in LOGPROBS_CASES], ids=[c[0] for c in LOGPROBS_CASES],
+    "dtype,vocab,ignored,bias,temperature,softcap,scale,outputs,path",
+    [c[1:] for c in LOGPROBS_CASES], ids=[f"{c[0]}-{c[-1]}" for c in LOGPROBS_CASES],
 )
-def test_logprobs_matches_oracle(gen, workspace, dtype, vocab, ignored, bias, temperature, softcap, entropy,
-                                 scale, ws):
+def test_logprobs_matches_oracle(gen, narrow_tiles, dtype, vocab, ignored, bias, temperature, softcap, scale, outputs,
+                                 path):
     n, d = 96, 37
-    if ws is not None:
-        workspace(ws)
-    h0, w0, b0 = _head(gen, n, d, vocab, scale, bias)
-    labels = _labels(gen, n, vocab, ignored)
-    g_logp = torch.randn(n, generator=gen)
-    g_ent = torch.randn(n, generator=gen)
-    kw = dict(temperature=temperature, softcap=softcap, return_entropy=entropy)
+    h0, w0, b0 = make_head(n, d, vocab, dtype=torch.float64, bias=bias, gen=gen)
+    transform = dict(temperature=temperature, softcap=softcap, logit_scale=scale)
+    labels = _argmax_labels(make_labels(n, vocab, ignored=ignored, gen=gen), h0, w0, b0, gen, **transform)
+    g_logp = torch.randn(n, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
+    with_entropy = "entropy" in outputs
 
-    def run(fn, prec_dtype, **extra):
-        h, w = _leaf(h0, prec_dtype), _leaf(w0, prec_dtype)
-        b = None if b0 is None else _leaf(b0, prec_dtype)
-        out = fn(h, w, labels, b, **kw, **extra)
-        lp, ent = out if entropy else (out, None)
-        loss = (lp.double() * g_logp.double()).sum()
-        if entropy:
-            loss = loss + (ent.double() * g_ent.double()).sum()
+    def run(fn, cast_dtype, **extra):
+        h, w, b = _leaf(h0, cast_dtype), _leaf(w0, cast_dtype), _leaf(b0, cast_dtype)
+        out = fn(h, w, labels, b, **transform, outputs=outputs, **extra)
+        out = dict(out._asdict()) if isinstance(out, tuple) else (out if isinstance(out, dict) else {"logp": out})
+        loss = (out["logp"].double() * g_logp).sum()
+        if with_entropy:
+            loss = loss + (out["entropy"].double() * g_ent).sum()
         loss.backward()
-        return lp, ent, _grads([h, w, b])
+        return out, _grads([h, w, b])
 
-    lp, ent, grads = run(fastpref.linear_logprobs, dtype, backend="triton")
-    assert lp.dtype == torch.float32 and lp.shape == (n,)
-    n_lp, n_ent, n_grads = run(reference.linear_logprobs, dtype, precision="native")
-    t_lp, t_ent, t_grads = run(reference.linear_logprobs, torch.float64, precision="fp64")
+    with _path(path, n, vocab, d, dtype, 1, "logprobs_bwd"):
+        got, grads = run(fastpref.linear_logprobs, dtype, backend="triton")
+    naive, n_grads = run(reference.linear_logprobs, dtype, precision="native")
+    truth, t_grads = run(reference.linear_logprobs, torch.float64, precision="fp64")
     print()
-    _check("logp", lp, n_lp, t_lp, dtype)
-    if entropy:
-        _check("entropy", ent, n_ent, t_ent, dtype)
-    for name, got, nv, tv in zip(("d_hidden", "d_weight", "d_bias"), grads, n_grads, t_grads):
-        if tv is None:
-            assert got is None
+    assert got["logp"].dtype == torch.float32 and got["logp"].shape == (n,)
+    for name in ("logp",) + tuple(o for o in outputs if o != "is_top1"):
+        assert_accurate(name, got[name], naive[name], truth[name], dtype)
+    if "is_top1" in outputs:
+        assert got["is_top1"].dtype == torch.bool
+        assert torch.equal(got["is_top1"], truth["is_top1"]), "is_top1 differs from the fp64 oracle"
+        assert truth["is_top1"].any(), "the case has no row whose label is the argmax"
+    for name, got_g, naive_g, truth_g in zip(GRAD_NAMES, grads, n_grads, t_grads):
+        if truth_g is None:
+            assert got_g is None
             continue
-        assert got.dtype == dtype
-        _check(name, got, nv, tv, dtype)
+        assert got_g.dtype == dtype
+        assert_accurate(name, got_g, naive_g, truth_g, dtype)
     ignored_rows = labels == -100
-    assert torch.all(lp[ignored_rows] == 0)
-    assert torch.all(grads[0][ignored_rows] == 0)
+    assert torch.all(got["logp"][ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
+
+
+def test_is_top1_is_the_first_argmax_on_exact_ties(gen):
+    """Integer logits (exact in fp32 whatever the summation order) with many ties, on both vocabulary
+    splits: True only when the label is the *first* argmax, as ``torch.argmax`` (the oracle) says."""
+    n, d, vocab = 96, 6, 300  # two vocabulary tiles (256 columns) -> two splits, merged by LP_BEFORE's max
+    h = torch.randint(-2, 3, (n, d), generator=gen).double()
+    w = torch.randint(-1, 2, (vocab, d), generator=gen).double()
+    z = h @ w.T
+    top = z == z.amax(1, keepdim=True)
+    first = top.float().argmax(1)
+    last = vocab - 1 - top.flip(1).float().argmax(1)  # the last argmax: a tie if != first
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    kind = torch.arange(n) % 4
+    labels = torch.where(kind == 0, first, torch.where(kind == 1, last, labels))
+    labels[5] = -100
+    assert (last[kind == 1] != first[kind == 1]).any(), "no tie among the rows that take the last argmax"
+    assert (first[kind == 0] < 256).any() and (last[kind == 1] >= 256).any(), "ties do not cross the split"
+    for dtype in (torch.float32, torch.bfloat16):  # small integers are exact in bf16 too
+        out = fastpref.linear_logprobs(h.to(dtype), w.to(dtype), labels, outputs=("is_top1",), backend="triton")
+        truth = reference.linear_logprobs(h, w, labels, outputs=("is_top1",))["is_top1"]
+        assert torch.equal(out.is_top1, truth), f"{dtype}: is_top1 differs from the first argmax"
+        assert truth[kind == 0].all() and not truth[5]
+        assert not truth[(kind == 1) & (last != first)].any()
+
+
+def test_vocabulary_slices_merge_to_the_whole(gen):
+    """Two slices of the head (``vocab_start``), each giving partial statistics and this slice's
+    ``d hidden``: merged / summed they equal the whole-vocabulary call, and the oracle."""
+    n, d, vocab, cut = 96, 37, 300, 137
+    h, w, b = make_head(n, d, vocab, dtype=torch.float32, bias=True, gen=gen)
+    labels = _argmax_labels(make_labels(n, vocab, ignored=0.2, gen=gen), h, w, b, gen)
+    opts = LogprobsOptions(entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
+                           transform=Transform(0.9, 6.0, 1.2), vocab_size=vocab)
+    ops = torch.ops.fastpref
+    whole, _ = ops.logprobs_fwd(h, w, labels, b, *logprobs_to_args(opts), "triton")
+    parts = []
+    for v0, v1 in ((0, cut), (cut, vocab)):
+        sl = replace(opts, vocab_start=v0)
+        parts.append(ops.logprobs_fwd(h, w[v0:v1], labels, b[v0:v1], *logprobs_to_args(sl), "triton")[0])
+    merged = C.merge_logprobs(torch.stack(parts))
+    rows, rows_whole = finish_logprobs(merged, labels, opts), finish_logprobs(whole, labels, opts)
+    for name in ("logp", "lse", "entropy", "log_sum_sq_probs", "mean_logits"):
+        a, b_ = getattr(rows, name), getattr(rows_whole, name)
+        assert (a - b_).abs().max() <= 1e-5 * (1 + b_.abs().max()), name
+    assert torch.equal(rows.is_top1, rows_whole.is_top1)
+    truth = reference.linear_logprobs(h.double(), w.double(), labels, b.double(), temperature=0.9, softcap=6.0,
+                                      logit_scale=1.2, outputs=ALL_OUTPUTS)
+    assert torch.equal(rows.is_top1, truth["is_top1"]) and truth["is_top1"].any()
+    assert (rows.logp.double() - truth["logp"]).abs().max() < 1e-4
+
+    # backward: the slices' d hidden add up, their d weight / d bias are the whole one's rows
+    g, ge = C.mask_logprobs_grads(torch.randn(n, generator=gen), torch.randn(n, generator=gen), labels, opts)
+    args = (g, ge, h, w, labels, b, rows.lse, rows.entropy, torch.empty(0))
+    full = ops.logprobs_bwd(*args, *logprobs_to_args(opts), "triton", True, True, True)
+    dh = torch.zeros_like(h)
+    for v0, v1 in ((0, cut), (cut, vocab)):
+        sl = replace(opts, vocab_start=v0)
+        part = ops.logprobs_bwd(g, ge, h, w[v0:v1], labels, b[v0:v1], rows.lse, rows.entropy, torch.empty(0),
+                                *logprobs_to_args(sl), "triton", True, True, True)
+        dh += part[0]
+        torch.testing.assert_close(part[1], full[1][v0:v1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part[2], full[2][v0:v1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dh, full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logprobs_cache_is_the_logits_and_gives_the_same_gradients(gen):
+    """With the cache the forward returns the fp32 logits ``[1, N, V]`` (the shape the fake kernel
+    announces) and the backward reads them: the gradients equal the recomputing backward's."""
+    n, d, vocab = 96, 37, 300
+    h, w, b = make_head(n, d, vocab, dtype=torch.float32, bias=True, gen=gen)
+    labels = make_labels(n, vocab, ignored=0.2, gen=gen)
+    opts = LogprobsOptions(entropy=True, transform=Transform(0.8, 5.0, 1.3), vocab_size=vocab, cache=True)
+    args = (h, w, labels, b, *logprobs_to_args(opts), "triton")
+    with settings(keep_logits=True):
+        stats, cache = torch.ops.fastpref.logprobs_fwd(*args)
+        assert tuple(cache.shape) == _lp_kernels.logprobs_cache_shape(n, vocab, h.dtype, opts) == (1, n, vocab)
+    z = reference.materialize_logits(h.double(), w.double(), b.double(), temperature=0.8, softcap=5.0, logit_scale=1.3)
+    assert (cache[0].double() - z).abs().max() < 1e-5 * (1 + z.abs().max())
+    with settings(keep_logits=False):
+        stats_r, none = torch.ops.fastpref.logprobs_fwd(*args)
+        assert none.numel() == 0
+    with settings(workspace=2**16):  # 96 x 300 fp32 logits do not fit three quarters of 64 KiB
+        assert torch.ops.fastpref.logprobs_fwd(*args)[1].numel() == 0
+    torch.testing.assert_close(stats, stats_r, rtol=0, atol=0)
+    rows = finish_logprobs(stats, labels, opts)
+    g, ge = C.mask_logprobs_grads(torch.randn(n, generator=gen), torch.randn(n, generator=gen), labels, opts)
+    bwd = (g, ge, h, w, labels, b, rows.lse, rows.entropy)
+    from_cache = torch.ops.fastpref.logprobs_bwd(*bwd, cache, *logprobs_to_args(opts), "triton", True, True, True)
+    recomputed = torch.ops.fastpref.logprobs_bwd(*bwd, none, *logprobs_to_args(opts), "triton", True, True, True)
+    for name, a, r in zip(GRAD_NAMES, from_cache, recomputed):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_logprobs_all_ignored_gives_zeros(gen, dtype):
-    h0, w0, b0 = _head(gen, 70, 37, 123, 2.0, True)
+    h0, w0, b0 = make_head(70, 37, 123, dtype=torch.float64, bias=True, gen=gen)
     h, w, b = _leaf(h0, dtype), _leaf(w0, dtype), _leaf(b0, dtype)
     labels = torch.full((70,), -100)
     lp, ent = fastpref.linear_logprobs(h, w, labels, b, return_entropy=True, backend="triton")
@@ -169,119 +274,161 @@ def test_logprobs_all_ignored_gives_zeros(gen, dtype):
 
 
 def test_logprobs_frozen_head_gets_no_gradient(gen):
-    h0, w0, b0 = _head(gen, 96, 37, 1000, 2.0, True)
-    labels = _labels(gen, 96, 1000, 0.2)
-    h, w, b = _leaf(h0, torch.float32), _leaf(w0, torch.float32, False), _leaf(b0, torch.float32, False)
-    lp = fastpref.linear_logprobs(h, w, labels, b, backend="triton")
+    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float64, bias=True, gen=gen)
+    labels = make_labels(96, 1000, ignored=0.2, gen=gen)
     g = torch.randn(96, generator=gen)
-    (lp * g).sum().backward()
-    assert w.grad is None and b.grad is None
-    ht = _leaf(h0, torch.float64)
-    (reference.linear_logprobs(ht, w0.double(), labels, b0.double()) * g.double()).sum().backward()
-    hn = _leaf(h0, torch.float32)
-    (reference.linear_logprobs(hn, w0, labels, b0, precision="native") * g).sum().backward()
-    print()
-    _check("d_hidden", h.grad, hn.grad, ht.grad, torch.float32)
+    hs = {}
+    for key, fn, dtype, extra in (("triton", fastpref.linear_logprobs, torch.float32, dict(backend="triton")),
+                                  ("naive", reference.linear_logprobs, torch.float32, dict(precision="native")),
+                                  ("truth", reference.linear_logprobs, torch.float64, {})):
+        h, w, b = _leaf(h0, dtype), _leaf(w0, dtype, False), _leaf(b0, dtype, False)
+        (fn(h, w, labels, b, **extra) * g.to(dtype)).sum().backward()
+        assert w.grad is None and b.grad is None
+        hs[key] = h.grad
+    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
 
 
 def test_logprobs_bad_label_is_nan_not_oob(gen):
-    """Labels outside [0, V) (validation bypassed: the raw op) give NaN, never a stray read."""
-    h0, w0, _ = _head(gen, 80, 37, 123, 2.0, False)
-    labels = _labels(gen, 80, 123, 0.0)
+    """Labels outside [0, V) (validation bypassed: the unchecked internal call) give NaN, never a stray read."""
+    h0, w0, _ = make_head(80, 37, 123, dtype=torch.float32, gen=gen)
+    labels = make_labels(80, 123, gen=gen)
     labels[3], labels[40], labels[79] = 123, -5, 10**6
-    out = logprobs_rows(h0, w0, labels, None, LogprobsOptions(entropy=True), "triton")  # unchecked internal call
-    logp, entropy = out.logp, out.entropy
+    out = logprobs_rows(h0, w0, labels, None, LogprobsOptions(entropy=True, is_top1=True), "triton")
     bad = torch.zeros(80, dtype=torch.bool)
     bad[[3, 40, 79]] = True
-    assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all()
-    assert torch.isfinite(logp[~bad]).all()
+    assert torch.isnan(out.logp[bad]).all() and torch.isnan(out.entropy[bad]).all()
+    assert not out.is_top1[bad].any()
     truth = reference.linear_logprobs(h0.double(), w0.double(), torch.where(bad, 0, labels))
-    assert (logp[~bad].double() - truth[~bad]).abs().max() < 1e-4
+    assert torch.isfinite(out.logp[~bad]).all() and (out.logp[~bad].double() - truth[~bad]).abs().max() < 1e-4
 
 
 def test_logprobs_shift_invariance(gen):
-    """A bias that adds the same constant to every logit changes nothing."""
-    h0, w0, b0 = _head(gen, 96, 37, 1000, 2.0, True)
-    labels = _labels(gen, 96, 1000, 0.2)
-    a = fastpref.linear_logprobs(h0, w0, labels, b0, backend="triton")
-    b = fastpref.linear_logprobs(h0, w0, labels, b0 + 3.0, backend="triton")
-    assert (a - b).abs().max() < 1e-5
+    """A bias that adds the same constant to every logit changes nothing but the mean logit."""
+    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float32, bias=True, gen=gen)
+    labels = make_labels(96, 1000, ignored=0.2, gen=gen)
+    a = fastpref.linear_logprobs(h0, w0, labels, b0, outputs=ALL_OUTPUTS, backend="triton")
+    b = fastpref.linear_logprobs(h0, w0, labels, b0 + 3.0, outputs=ALL_OUTPUTS, backend="triton")
+    for name in ("logp", "entropy", "log_sum_sq_probs"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-5, name
+    keep = labels != -100
+    assert ((b.mean_logits - a.mean_logits)[keep] - 3.0).abs().max() < 1e-5
+    assert torch.equal(a.is_top1, b.is_top1)
 
 
 def test_logprobs_fp64_inputs_give_fp64(gen):
     """float64 inputs are routed to the torch backend (the kernels accumulate in fp32)."""
-    h0, w0, b0 = _head(gen, 96, 37, 123, 2.0, True)
-    labels = _labels(gen, 96, 123, 0.2)
-    h = _leaf(h0, torch.float64)
-    lp = fastpref.linear_logprobs(h, w0.double(), labels, b0.double(), backend="triton")
+    h0, w0, b0 = make_head(96, 37, 123, dtype=torch.float64, bias=True, gen=gen)
+    labels = make_labels(96, 123, ignored=0.2, gen=gen)
+    lp = fastpref.linear_logprobs(_leaf(h0, torch.float64), w0, labels, b0, backend="triton")
     assert lp.dtype == torch.float64
-    truth = reference.linear_logprobs(h0.double(), w0.double(), labels, b0.double())
-    assert (lp - truth).abs().max() < 1e-12
+    assert (lp - reference.linear_logprobs(h0, w0, labels, b0)).abs().max() < 1e-12
 
 
 # --------------------------------------------------------------------------- linear_divergence
 
 DIVERGENCE_CASES = [
-    # id, dtype, kind, beta, V, ignored, biases, temperature, (s_softcap, t_softcap), labels?, workspace
-    ("fkl-fp32-V123-ign20", torch.float32, "forward_kl", 0.5, 123, 0.2, False, 1.0, (None, None), True, None),
-    ("rkl-fp32-V1000-bias-T0.8", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 0.8, (None, None), True, None),
-    ("jsd0.3-fp32-V1000-bias", torch.float32, "jsd", 0.3, 1000, 0.2, True, 1.0, (None, None), True, None),
-    ("jsd0.5-fp32-V123-softcaps-nolabels", torch.float32, "jsd", 0.5, 123, 0.0, False, 1.0, (4.0, 6.0), False,
-     None),
-    ("rkl-fp32-V1000-softcap-chunks", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (5.0, None), True,
-     65536),
-    ("fkl-bf16-V1000-bias", torch.bfloat16, "forward_kl", 0.5, 1000, 0.2, True, 1.0, (None, None), True, None),
-    ("jsd0.7-bf16-V123-ign100", torch.bfloat16, "jsd", 0.7, 123, 1.0, False, 1.0, (None, None), True, None),
-    ("rkl-bf16-V1000-chunks", torch.bfloat16, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (None, None), True, 65536),
+    # id, dtype, kind, beta, V, ignored, biases, temperature, (s_softcap, t_softcap), (s_scale, t_scale),
+    # labels?, entropy?, backward path (PATHS)
+    ("fkl-fp32-V123-ign20-entropy", torch.float32, "forward_kl", 0.5, 123, 0.2, False, 1.0, (None, None),
+     (1.0, 1.0), True, True, "cache"),
+    ("rkl-fp32-V1000-bias-T0.8-scales", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 0.8, (None, None),
+     (1.3, 0.7), True, True, "recompute"),
+    ("jsd0.3-fp32-V1000-bias", torch.float32, "jsd", 0.3, 1000, 0.2, True, 1.0, (None, None), (1.0, 1.5),
+     True, False, "cache-chunks"),
+    ("jsd0.5-fp32-V123-softcaps-nolabels", torch.float32, "jsd", 0.5, 123, 0.0, False, 1.0, (4.0, 6.0),
+     (2.0, 1.0), False, True, "recompute"),
+    ("rkl-fp32-V1000-softcap", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (5.0, None),
+     (1.0, 1.0), True, False, "cache-chunks"),
+    ("fkl-bf16-V1000-bias-entropy", torch.bfloat16, "forward_kl", 0.5, 1000, 0.2, True, 1.0, (None, None),
+     (0.8, 1.2), True, True, "cache"),
+    ("jsd0.7-bf16-V123-ign100", torch.bfloat16, "jsd", 0.7, 123, 1.0, False, 1.0, (None, None), (1.0, 1.0),
+     True, True, "recompute"),
+    ("rkl-bf16-V1000", torch.bfloat16, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (None, 8.0),
+     (1.0, 1.0), True, True, "recompute-chunks"),
 ]
 
 
 @pytest.mark.parametrize(
-    "dtype,kind,beta,vocab,ignored,biases,temperature,softcaps,with_labels,ws",
-    [c[1:] for c in DIVERGENCE_CASES], ids=[c[0] for c in DIVERGENCE_CASES],
+    "dtype,kind,beta,vocab,ignored,biases,temperature,softcaps,scales,with_labels,entropy,path",
+    [c[1:] for c in DIVERGENCE_CASES], ids=[f"{c[0]}-{c[-1]}" for c in DIVERGENCE_CASES],
 )
-def test_divergence_matches_oracle(gen, workspace, dtype, kind, beta, vocab, ignored, biases, temperature, softcaps,
-                                   with_labels, ws):
+def test_divergence_matches_oracle(gen, narrow_tiles, dtype, kind, beta, vocab, ignored, biases, temperature, softcaps,
+                                   scales, with_labels, entropy, path):
     n, ds, dt = 96, 37, 50
-    if ws is not None:
-        workspace(ws)
-    hs0, ws0, bs0 = _head(gen, n, ds, vocab, 3.0, biases)
-    ht0, wt0, bt0 = _head(gen, n, dt, vocab, 3.0, biases)
-    labels = _labels(gen, n, vocab, ignored) if with_labels else None
-    g = torch.randn(n, generator=gen)
-    s_cap, t_cap = softcaps
+    hs0, ws0, bs0 = make_head(n, ds, vocab, dtype=torch.float64, bias=biases, gen=gen)
+    ht0, wt0, bt0 = make_head(n, dt, vocab, dtype=torch.float64, bias=biases, gen=gen)
+    labels = make_labels(n, vocab, ignored=ignored, gen=gen) if with_labels else None
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    kw = dict(kind=kind, beta=beta, temperature=temperature, student_softcap=softcaps[0],
+              teacher_softcap=softcaps[1], student_logit_scale=scales[0], teacher_logit_scale=scales[1],
+              return_entropy=entropy)
 
-    def run(fn, prec_dtype, **extra):
-        hs, w = _leaf(hs0, prec_dtype), _leaf(ws0, prec_dtype)
-        bs = None if bs0 is None else _leaf(bs0, prec_dtype)
-        ht, wt = ht0.to(prec_dtype), wt0.to(prec_dtype)
-        bt = None if bt0 is None else bt0.to(prec_dtype)
-        div = fn(hs, w, ht, wt, labels, student_bias=bs, teacher_bias=bt, kind=kind, beta=beta,
-                 temperature=temperature, student_softcap=s_cap, teacher_softcap=t_cap, **extra)
-        (div.double() * g.double()).sum().backward()
-        return div, _grads([hs, w, bs])
+    def run(fn, cast_dtype, **extra):
+        hs, w, bs = _leaf(hs0, cast_dtype), _leaf(ws0, cast_dtype), _leaf(bs0, cast_dtype)
+        ht, wt = ht0.to(cast_dtype), wt0.to(cast_dtype)
+        bt = None if bt0 is None else bt0.to(cast_dtype)
+        out = fn(hs, w, ht, wt, labels, student_bias=bs, teacher_bias=bt, **kw, **extra)
+        div, ent = out if entropy else (out, None)
+        (div.double() * g).sum().backward()
+        return div, ent, _grads([hs, w, bs])
 
-    div, grads = run(fastpref.linear_divergence, dtype, backend="triton")
-    assert div.dtype == torch.float32 and div.shape == (n,)
-    n_div, n_grads = run(reference.linear_divergence, dtype, precision="native")
-    t_div, t_grads = run(reference.linear_divergence, torch.float64, precision="fp64")
+    with _path(path, n, vocab, ds, dtype, 2, "divergence_bwd"):
+        div, ent, grads = run(fastpref.linear_divergence, dtype, backend="triton")
+    n_div, n_ent, n_grads = run(reference.linear_divergence, dtype, precision="native")
+    t_div, t_ent, t_grads = run(reference.linear_divergence, torch.float64, precision="fp64")
     print()
-    _check(kind, div, n_div, t_div, dtype)
-    for name, got, nv, tv in zip(("d_hidden", "d_weight", "d_bias"), grads, n_grads, t_grads):
-        if tv is None:
+    assert div.dtype == torch.float32 and div.shape == (n,)
+    assert_accurate(kind, div, n_div, t_div, dtype)
+    if entropy:
+        assert not ent.requires_grad
+        assert_accurate("entropy", ent, n_ent, t_ent, dtype)
+    for name, got, naive, truth in zip(GRAD_NAMES, grads, n_grads, t_grads):
+        if truth is None:
             assert got is None
             continue
         assert got.dtype == dtype
-        _check(name, got, nv, tv, dtype)
+        assert_accurate(name, got, naive, truth, dtype)
     if labels is not None:
         ignored_rows = labels == -100
         assert torch.all(div[ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
 
 
+@pytest.mark.parametrize("kind", list(Kind), ids=[k.name.lower() for k in Kind])
+def test_divergence_cache_gives_the_same_results(gen, kind):
+    """Both heads' fp32 logits ``[2, N, V]`` kept by the forward (the fake kernel's shape): the JSD
+    pass and the backward read them and agree with the recomputing paths."""
+    n, vocab = 96, 300
+    hs, ws_, bs = make_head(n, 37, vocab, dtype=torch.float32, bias=True, gen=gen)
+    ht, wt, _ = make_head(n, 24, vocab, dtype=torch.float32, gen=gen)
+    opts = DivergenceOptions(kind=kind, beta=0.4, student=Transform(0.9, 7.0, 1.1), teacher=Transform(0.9, None, 0.6),
+                             entropy=True, vocab_size=vocab, cache=True)
+    args = (hs, ws_, bs, ht, wt, None, None, *divergence_to_args(opts), "triton")
+    with settings(keep_logits=True):
+        stats, cache = torch.ops.fastpref.divergence_fwd(*args)
+    with settings(keep_logits=False):
+        stats_r, none = torch.ops.fastpref.divergence_fwd(*args)
+    assert tuple(cache.shape) == _div_kernels.divergence_cache_shape(n, vocab, hs.dtype, opts) == (2, n, vocab)
+    assert none.numel() == 0
+    zs = reference.materialize_logits(hs.double(), ws_.double(), bs.double(), temperature=0.9, softcap=7.0,
+                                      logit_scale=1.1)
+    zt = reference.materialize_logits(ht.double(), wt.double(), temperature=0.9, logit_scale=0.6)
+    assert (cache[0].double() - zs).abs().max() < 1e-5 * (1 + zs.abs().max())
+    assert (cache[1].double() - zt).abs().max() < 1e-5 * (1 + zt.abs().max())
+    torch.testing.assert_close(stats, stats_r, rtol=1e-6, atol=1e-6)
+    labels = make_labels(n, vocab, ignored=0.2, gen=gen)
+    saved = finish_divergence(stats, labels, opts).saved
+    grad = C.mask_divergence_grad(torch.randn(n, generator=gen), labels, opts)
+    bwd = (grad, hs, ws_, bs, ht, wt, None, saved)
+    a = torch.ops.fastpref.divergence_bwd(*bwd, cache, *divergence_to_args(opts), "triton", True, True, True)
+    r = torch.ops.fastpref.divergence_bwd(*bwd, none, *divergence_to_args(opts), "triton", True, True, True)
+    for name, x, y in zip(GRAD_NAMES, a, r):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_divergence_identical_heads_is_zero(gen, kind):
     """teacher == student  =>  divergence 0 and zero gradient (up to fp32 rounding)."""
-    h0, w0, b0 = _head(gen, 96, 37, 1000, 3.0, True)
+    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float32, bias=True, gen=gen)
     h, w, b = _leaf(h0, torch.float32), _leaf(w0, torch.float32), _leaf(b0, torch.float32)
     div = fastpref.linear_divergence(h, w, h0, w0, student_bias=b, teacher_bias=b0, kind=kind, backend="triton")
     (div * torch.randn(96, generator=gen)).sum().backward()
@@ -291,48 +438,70 @@ def test_divergence_identical_heads_is_zero(gen, kind):
 
 
 def test_divergence_frozen_student_head(gen):
-    hs0, ws0, _ = _head(gen, 96, 37, 1000, 3.0, False)
-    ht0, wt0, _ = _head(gen, 96, 50, 1000, 3.0, False)
-    hs, w = _leaf(hs0, torch.float32), _leaf(ws0, torch.float32, False)
-    div = fastpref.linear_divergence(hs, w, ht0, wt0, kind="reverse_kl", backend="triton")
+    hs0, ws0, _ = make_head(96, 37, 1000, dtype=torch.float64, gen=gen)
+    ht0, wt0, _ = make_head(96, 50, 1000, dtype=torch.float64, gen=gen)
     g = torch.randn(96, generator=gen)
-    (div * g).sum().backward()
-    assert w.grad is None
-    ht = _leaf(hs0, torch.float64)
-    (reference.linear_divergence(ht, ws0.double(), ht0.double(), wt0.double(), kind="reverse_kl")
-     * g.double()).sum().backward()
-    hn = _leaf(hs0, torch.float32)
-    (reference.linear_divergence(hn, ws0, ht0, wt0, kind="reverse_kl", precision="native") * g).sum().backward()
-    print()
-    _check("d_hidden", hs.grad, hn.grad, ht.grad, torch.float32)
+    hs = {}
+    for key, fn, dtype, extra in (("triton", fastpref.linear_divergence, torch.float32, dict(backend="triton")),
+                                  ("naive", reference.linear_divergence, torch.float32, dict(precision="native")),
+                                  ("truth", reference.linear_divergence, torch.float64, {})):
+        h, w = _leaf(hs0, dtype), _leaf(ws0, dtype, False)
+        (fn(h, w, ht0.to(dtype), wt0.to(dtype), kind="reverse_kl", **extra) * g.to(dtype)).sum().backward()
+        assert w.grad is None
+        hs[key] = h.grad
+    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
 
 
-# --------------------------------------------------------------------------- registered ops
+# --------------------------------------------------------------------------- precision and registered ops
+
+
+def test_fp32_operands_follow_pytorchs_tf32_setting(monkeypatch):
+    """On a GPU, fp32 tiles use TF32 exactly when PyTorch's fp32 matmuls do; 16-bit ones never ask."""
+    monkeypatch.setattr(_tiles, "interpreting", lambda: False)
+    cuda, m = torch.device("cuda"), torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("torch < 2.9: no torch.backends.cuda.matmul.fp32_precision")
+    old = m.fp32_precision
+    try:
+        for prec, want in (("tf32", "tf32"), ("ieee", "ieee")):
+            m.fp32_precision = prec
+            assert _tiles.operand_class(torch.float32, cuda) == want
+            assert _tiles.head_flags(None, None, torch.float32, cuda) == (False, False, True, want)
+            assert _tiles.operand_class(torch.bfloat16, cuda) == "16bit"
+            assert _tiles.head_flags(1, 2.0, torch.bfloat16, cuda) == (True, True, False, "ieee")
+    finally:
+        m.fp32_precision = old
+    assert _tiles.operand_class(torch.float32, torch.device("cpu")) == "ieee"
 
 
 def test_registered_ops_pass_opcheck(gen):
-    """Schema, fake (meta) implementations and dispatch of the four ``fastpref::*`` ops on this backend."""
+    """Schema, fake (meta) implementations — the cache shapes included — and dispatch of the four
+    ``fastpref::*`` ops on this backend."""
     n, d, vocab = 70, 40, 300
-    h, w, b = _head(gen, n, d, vocab, 2.0, True)
-    ht, wt, _ = _head(gen, n, 24, vocab, 2.0, False)
-    labels = _labels(gen, n, vocab, 0.2)
+    h, w, b = make_head(n, d, vocab, dtype=torch.float32, bias=True, gen=gen)
+    ht, wt, _ = make_head(n, 24, vocab, dtype=torch.float32, gen=gen)
+    labels = make_labels(n, vocab, ignored=0.2, gen=gen)
     gl, ge = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     ops = torch.ops.fastpref
-    opts = LogprobsOptions(entropy=True, transform=Transform(0.8, 10.0, 1.3), vocab_size=vocab)
+    opts = LogprobsOptions(entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
+                           transform=Transform(0.8, 10.0, 1.3), vocab_size=vocab, cache=True)
     stats, cache = ops.logprobs_fwd(h, w, labels, b, *logprobs_to_args(opts), "triton")
+    assert cache.numel() > 0
     rows = finish_logprobs(stats, labels, opts)
     torch.library.opcheck(ops.logprobs_fwd, (h, w, labels, b, *logprobs_to_args(opts), "triton"))
     plain = LogprobsOptions(vocab_size=vocab)
     torch.library.opcheck(ops.logprobs_fwd, (h, w, labels, None, *logprobs_to_args(plain), "triton"))
     torch.library.opcheck(ops.logprobs_bwd, (gl, ge, h, w, labels, b, rows.lse, rows.entropy, cache,
                                              *logprobs_to_args(opts), "triton", True, True, True))
-    torch.library.opcheck(ops.logprobs_bwd, (gl, None, h, w, labels, None, rows.lse, None, cache,
+    torch.library.opcheck(ops.logprobs_bwd, (gl, None, h, w, labels, None, rows.lse, None, torch.empty(0),
                                              *logprobs_to_args(plain), "triton", True, False, False))
     for kind in Kind:
-        dopts = DivergenceOptions(kind=kind, beta=0.4, teacher=Transform(1.0, 15.0), vocab_size=vocab)
+        dopts = DivergenceOptions(kind=kind, beta=0.4, student=Transform(1.0, None, 1.2),
+                                  teacher=Transform(1.0, 15.0, 0.9), entropy=True, vocab_size=vocab, cache=True)
         args = (h, w, b, ht, wt, None, None, *divergence_to_args(dopts), "triton")
         torch.library.opcheck(ops.divergence_fwd, args)
         stats, cache = ops.divergence_fwd(*args)
+        assert cache.numel() > 0
         saved = finish_divergence(stats, labels, dopts).saved
         torch.library.opcheck(ops.divergence_bwd, (gl, h, w, b, ht, wt, None, saved, cache,
                                                    *divergence_to_args(dopts), "triton", True, True, True))

@@ -2,7 +2,9 @@
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before triton is imported; numerics only, slow).  Dispatch sends float64 elsewhere (the kernels
-accumulate in fp32) and, through :func:`unsupported`, the options these kernels do not implement yet.
+accumulate in fp32); every other option of the contract runs here.  When the whole fp32 logits of a
+call fit the cache share of the workspace budget, the forward keeps them for the backward
+(``*_cache_shape`` says what it returns).
 """
 
 from __future__ import annotations
@@ -40,24 +42,14 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def unsupported(op: str, opts, sharded: bool) -> Optional[str]:
-    """What these kernels cannot compute yet, or ``None``."""
-    if op == "logprobs" and opts.any_extra:
-        return "the Triton kernels do not compute log_sum_sq_probs / mean_logits / is_top1 yet"
-    if op == "divergence":
-        if opts.student.kernel_params()[0] != opts.teacher.kernel_params()[0]:
-            return "the Triton divergence kernels take one logit_scale / temperature for both heads"
-        if opts.entropy:
-            return "the Triton divergence kernels do not compute the student entropy yet"
+    """What these kernels cannot compute: nothing — every option of the contract, vocabulary slices
+    included (float64 never gets here: dispatch sends it to the torch backend)."""
     return None
 
 
 def _on_device(t: torch.Tensor):
     """Triton launches on the *current* CUDA device: make it the tensors' device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _no_cache(n, vocab, dtype, opts) -> tuple[int, ...]:
-    return (0,)
 
 
 def logprobs_fwd(hidden, weight, labels, bias, opts):
@@ -70,6 +62,14 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
     with _on_device(hidden):
         return _lp.logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, cache, opts,
                                 need_hidden, need_weight, need_bias)
+
+
+def logprobs_cache_shape(n, vocab, dtype, opts) -> tuple[int, ...]:
+    return _lp.logprobs_cache_shape(n, vocab, dtype, opts)
+
+
+def divergence_cache_shape(n, vocab, dtype, opts) -> tuple[int, ...]:
+    return _div.divergence_cache_shape(n, vocab, dtype, opts)
 
 
 def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts):
@@ -86,5 +86,6 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
 
 IMPL = SimpleNamespace(
     logprobs_fwd=logprobs_fwd, logprobs_bwd=logprobs_bwd, divergence_fwd=divergence_fwd,
-    divergence_bwd=divergence_bwd, logprobs_cache_shape=_no_cache, divergence_cache_shape=_no_cache,
+    divergence_bwd=divergence_bwd, logprobs_cache_shape=logprobs_cache_shape,
+    divergence_cache_shape=divergence_cache_shape,
 )
