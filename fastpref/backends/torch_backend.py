@@ -54,10 +54,13 @@ def _tile_logits(h, w, b, inv_temp: float, cap: Optional[float], cdt: torch.dtyp
     return z
 
 
-def _chain(dz: torch.Tensor, z: torch.Tensor, inv_temp: float, cap: Optional[float]) -> torch.Tensor:
-    """In place: ``dz <- dz * dz/du`` for ``z = cap * tanh(u * inv_temp / cap)``."""
+def _chain(dz: torch.Tensor, z: torch.Tensor, inv_temp: float, cap: Optional[float],
+           work: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place: ``dz <- dz * dz/du`` for ``z = cap * tanh(u * inv_temp / cap)`` (``work``: a scratch
+    tile of ``z``'s shape)."""
     if cap is not None:
-        dz *= 1.0 - (z / cap).square()
+        t = torch.div(z, cap, out=work) if work is not None else z / cap
+        dz *= t.square_().neg_().add_(1.0)
     if inv_temp != 1.0:
         dz *= inv_temp
     return dz
@@ -82,6 +85,18 @@ class _Heads:
         return _tile_logits(self.hidden[r0:r1], self.weight[c0:c1], b, self.inv_temp, self.cap, cdt, out)
 
 
+class _Scratch:
+    """Reused ``[rows x cols]`` tiles (fresh large allocations cost page faults on every tile on CPU)."""
+
+    def __init__(self, rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype):
+        self.size, self.like, self.dtype, self.bufs = rows * cols, like, dtype, {}
+
+    def __call__(self, slot: int, r: int, c: int) -> torch.Tensor:
+        if slot not in self.bufs:
+            self.bufs[slot] = self.like.new_empty(self.size, dtype=self.dtype)
+        return self.bufs[slot][: r * c].view(r, c)
+
+
 def _tiles(n: int, vocab: int, cache_cols: int, heads: int, elem: int, acc_dim: int = 0):
     if cache_cols:
         return n, cache_cols
@@ -104,18 +119,21 @@ def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
     cache = hidden.new_empty(logprobs_cache_shape(n, vocab, hidden.dtype, opts), dtype=cdt)
     rows, cols = _tiles(n, vocab, cache_cols, 1, elem)
     stats = C.empty_logprobs_stats(n, hidden.new_empty(0, dtype=cdt))
+    scratch = _Scratch(rows, cols, hidden, cdt)
     for r0, r1 in ranges(n, rows):
         st = stats[:, r0:r1]
         for k, (c0, c1) in enumerate(ranges(vocab, cols)):
-            out = cache[0, k, :, : c1 - c0] if cache_cols else None
+            out = cache[0, k, :, : c1 - c0] if cache_cols else scratch(0, r1 - r0, c1 - c0)
             z = head.tile(r0, r1, c0, c1, cdt, out)
-            _fold_logprobs_tile(st, z, labels[r0:r1] - (opts.vocab_start + c0), opts, in_place=not cache_cols)
+            _fold_logprobs_tile(st, z, labels[r0:r1] - (opts.vocab_start + c0), opts, scratch,
+                                in_place=not cache_cols)
     return stats, cache
 
 
-def _fold_logprobs_tile(st: torch.Tensor, z: torch.Tensor, local: torch.Tensor, opts, *, in_place: bool) -> None:
+def _fold_logprobs_tile(st: torch.Tensor, z: torch.Tensor, local: torch.Tensor, opts, scratch: _Scratch, *,
+                        in_place: bool) -> None:
     """Fold one logits tile into the running statistics ``st [LP_PLANES, r]`` (``local``: labels
-    relative to the tile's first column)."""
+    relative to the tile's first column); ``z`` may be overwritten when ``in_place``."""
     width = z.shape[1]
     idx, inside = _local_index(local, 0, width)
     got = z.gather(1, idx.unsqueeze(1)).squeeze(1)
@@ -128,13 +146,14 @@ def _fold_logprobs_tile(st: torch.Tensor, z: torch.Tensor, local: torch.Tensor, 
     m, s = st[C.LP_MAX], st[C.LP_SUM]
     m_new = torch.maximum(m, z.amax(1))
     rescale = torch.exp(m - m_new)
-    zc = z.sub_(m_new.unsqueeze(1)) if in_place and not opts.entropy else z - m_new.unsqueeze(1)  # <= 0
+    r, c = z.shape
+    zc = z.sub_(m_new.unsqueeze(1)) if in_place else torch.sub(z, m_new.unsqueeze(1), out=scratch(1, r, c))  # <= 0
     if opts.entropy:
         # t = sum e^{z-m} (z-m) relative to the running max, so the entropy log(s) - t/s never
         # subtracts two large numbers; moving the max from m to m_new turns t into
         # rescale * (t + (m - m_new) s).
         shift = torch.where(s > 0, m - m_new, torch.zeros_like(m))
-        e = torch.exp(zc)
+        e = torch.exp(zc, out=scratch(2, r, c))
         st[C.LP_ENT] = rescale * (st[C.LP_ENT] + shift * s) + torch.linalg.vecdot(e, zc)
     else:
         e = zc.exp_()
@@ -162,22 +181,26 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
     if with_entropy:
         ge, ent = g_entropy.to(cdt), entropy.to(cdt)
     lse = lse.to(cdt)
+    scratch = _Scratch(rows, cols, hidden, cdt)
     for k, (c0, c1) in enumerate(ranges(vocab, cols)):
         w = weight[c0:c1]
         acc.begin_chunk(c0, c1)
         for r0, r1 in ranges(n, rows):
-            z = cache[0, k, :, : c1 - c0] if cached else head.tile(r0, r1, c0, c1, cdt)
-            log_p = z - lse[r0:r1].unsqueeze(1)
+            r, c = r1 - r0, c1 - c0
+            z = cache[0, k, :, :c] if cached else head.tile(r0, r1, c0, c1, cdt, scratch(0, r, c))
+            # dz = g (onehot - p) - ge p (log p + H) = -p (g + ge (log p + H)) + g onehot
+            dz = torch.sub(z, lse[r0:r1].unsqueeze(1), out=scratch(1, r, c))  # log p
             gr = g[r0:r1].unsqueeze(1)
-            if with_entropy:  # -g p - ge p (log p + H) = -p (g + ge (log p + H))
-                factor = torch.addcmul(gr, ge[r0:r1].unsqueeze(1), log_p + ent[r0:r1].unsqueeze(1))
-                dz = log_p.exp_().mul_(factor).neg_()
+            if with_entropy:
+                factor = torch.add(dz, ent[r0:r1].unsqueeze(1), out=scratch(2, r, c))
+                factor.mul_(ge[r0:r1].unsqueeze(1)).add_(gr)
+                dz.exp_().mul_(factor).neg_()
             else:
-                dz = log_p.exp_().mul_(-gr)
-            idx, inside = _local_index(labels[r0:r1], opts.vocab_start + c0, c1 - c0)
+                dz.exp_().mul_(-gr)
+            idx, inside = _local_index(labels[r0:r1], opts.vocab_start + c0, c)
             hit = torch.where(inside, g[r0:r1], torch.zeros_like(g[r0:r1]))
             dz.scatter_add_(1, idx.unsqueeze(1), hit.unsqueeze(1))
-            _chain(dz, z, head.inv_temp, head.cap)
+            _chain(dz, z, head.inv_temp, head.cap, scratch(2, r, c))
             acc.add(dz, hidden[r0:r1], w, r0, r1, c0, c1)
         acc.end_chunk(c0, c1)
     return acc.result(bias)
