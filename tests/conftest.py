@@ -67,3 +67,18 @@ def assert_accurate(name: str, out: torch.Tensor, naive: torch.Tensor, truth: to
     bound = 2 * err_naive + floor_for(truth, dtype)
     print(f"{name}: err={err:.3e} naive_err={err_naive:.3e} bound={bound:.3e}")
     assert err <= bound, f"{name}: err {err:.3e} > bound {bound:.3e} (naive err {err_naive:.3e})"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (realistic vocabularies, long cases)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are skipped unless ``--run-slow`` adds them (or ``-m`` names the marker)."""
+    if config.getoption("--run-slow") or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: add --run-slow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
