@@ -13,7 +13,6 @@ Memory: the workspace budget plus ``O(N)`` per-row floats; see :mod:`.tiling`.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Optional
 
@@ -52,6 +51,13 @@ def _tile_logits(h, w, b, inv_temp: float, cap: Optional[float], cdt: torch.dtyp
     elif inv_temp != 1.0:
         z *= inv_temp
     return z
+
+
+def _rowdot_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two ``[r x c]`` tiles, overwriting ``y`` with the product
+    (``linalg.vecdot`` allocates it on every call; a batched GEMV instead sums sequentially, too
+    inexact for the entropy at a 100k vocabulary)."""
+    return y.mul_(x).sum(1)
 
 
 def _chain(dz: torch.Tensor, z: torch.Tensor, inv_temp: float, cap: Optional[float],
@@ -154,12 +160,12 @@ def _fold_logprobs_tile(st: torch.Tensor, z: torch.Tensor, local: torch.Tensor, 
         # rescale * (t + (m - m_new) s).
         shift = torch.where(s > 0, m - m_new, torch.zeros_like(m))
         e = torch.exp(zc, out=scratch(2, r, c))
-        st[C.LP_ENT] = rescale * (st[C.LP_ENT] + shift * s) + torch.linalg.vecdot(e, zc)
+        st[C.LP_ENT] = rescale * (st[C.LP_ENT] + shift * s) + _rowdot_(e, zc)
     else:
         e = zc.exp_()
-    if opts.log_sum_sq_probs:
-        st[C.LP_SQ] = st[C.LP_SQ] * rescale.square() + torch.linalg.vecdot(e, e)
     st[C.LP_SUM] = s * rescale + e.sum(1)
+    if opts.log_sum_sq_probs:
+        st[C.LP_SQ] = st[C.LP_SQ] * rescale.square() + _rowdot_(e, e)
     st[C.LP_MAX] = m_new
 
 
@@ -209,9 +215,12 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
 # --------------------------------------------------------------------------- divergence
 
 
-def _log_mixture(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> torch.Tensor:
-    """``log(beta pt + (1 - beta) ps)`` in log space (beta strictly inside (0, 1))."""
-    return torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+def _log_mixture(pt: torch.Tensor, ps: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tensor:
+    """``log(beta pt + (1 - beta) ps)`` into ``out`` (may be ``pt``) from the probabilities: one ``log``
+    per element instead of a ``logaddexp``.  Where both underflow the mixture is clamped to the
+    smallest normal number: every term it enters is then multiplied by a probability below it."""
+    tiny = torch.finfo(pt.dtype).tiny
+    return torch.mul(pt, beta, out=out).add_(ps, alpha=1.0 - beta).clamp_min_(tiny).log_()
 
 
 def divergence_cache_shape(n: int, vocab: int, dtype: torch.dtype, opts: C.DivergenceOptions) -> tuple[int, ...]:
@@ -237,11 +246,13 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
                                dtype=cdt)
     rows, cols = _tiles(n, vocab, cache_cols, 2, elem)
     stats = C.empty_divergence_stats(n, s_hidden.new_empty(0, dtype=cdt))
+    scratch = _Scratch(rows, cols, s_hidden, cdt)
 
     def tiles(r0, r1, c0, c1, k, fill):
         if cache_cols and not fill:
             return cache[0, k, :, : c1 - c0], cache[1, k, :, : c1 - c0]
-        outs = (cache[0, k, :, : c1 - c0], cache[1, k, :, : c1 - c0]) if cache_cols else (None, None)
+        r, c = r1 - r0, c1 - c0
+        outs = (cache[0, k, :, :c], cache[1, k, :, :c]) if cache_cols else (scratch(0, r, c), scratch(1, r, c))
         return s.tile(r0, r1, c0, c1, cdt, outs[0]), t.tile(r0, r1, c0, c1, cdt, outs[1])
 
     jsd_here = opts.kind == C.Kind.JSD and (lse_st is not None or C.covers_vocabulary(opts, vocab))
@@ -250,31 +261,44 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
         if lse_st is None:
             for k, (c0, c1) in enumerate(ranges(vocab, cols)):
                 zs, zt = tiles(r0, r1, c0, c1, k, fill=True)
-                _fold_divergence_tile(st, zs, zt, opts)
+                _fold_divergence_tile(st, zs, zt, opts, scratch, in_place=not cache_cols)
         if jsd_here:
             lse = C.divergence_lse(st) if lse_st is None else lse_st[r0:r1].to(cdt)
             for k, (c0, c1) in enumerate(ranges(vocab, cols)):
                 zs, zt = tiles(r0, r1, c0, c1, k, fill=False)
-                log_ps, log_pt = zs - lse[:, :1], zt - lse[:, 1:]
-                log_m = _log_mixture(log_ps, log_pt, opts.beta)
-                st[C.DV_KLT] += torch.linalg.vecdot(log_pt.exp(), log_pt - log_m)
-                st[C.DV_KLS] += torch.linalg.vecdot(log_ps.exp(), log_ps - log_m)
+                r, c = zs.shape
+                log_ps = torch.sub(zs, lse[:, :1], out=scratch(2, r, c))
+                log_pt = torch.sub(zt, lse[:, 1:], out=scratch(3, r, c))
+                ps, pt = torch.exp(log_ps, out=scratch(4, r, c)), torch.exp(log_pt, out=scratch(5, r, c))
+                log_m = _log_mixture(pt, ps, opts.beta, out=scratch(6, r, c))
+                st[C.DV_KLT] += _rowdot_(pt, log_pt.sub_(log_m))
+                st[C.DV_KLS] += _rowdot_(ps, log_ps.sub_(log_m))
     return stats, cache
 
 
-def _fold_divergence_tile(st: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor, opts) -> None:
+def _fold_divergence_tile(st: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor, opts, scratch: _Scratch, *,
+                          in_place: bool) -> None:
+    """Fold one pair of logits tiles into ``st [DV_PLANES, r]``; ``zs``/``zt`` may be overwritten
+    when ``in_place``."""
+    r, c = zs.shape
     ms, mt, ss = st[C.DV_SMAX], st[C.DV_TMAX], st[C.DV_SSUM]
     ms_new, mt_new = torch.maximum(ms, zs.amax(1)), torch.maximum(mt, zt.amax(1))
     rs, rt = torch.exp(ms - ms_new), torch.exp(mt - mt_new)
-    zsc = zs - ms_new.unsqueeze(1)
-    es, et = torch.exp(zsc), torch.exp(zt - mt_new.unsqueeze(1))
     if opts.kind == C.Kind.FORWARD_KL:  # sum_j e^{zt_j - mt} (zt_j - zs_j)
-        st[C.DV_CROSS] = st[C.DV_CROSS] * rt + torch.linalg.vecdot(et, zt - zs)
+        diff = torch.sub(zt, zs, out=scratch(2, r, c))
     elif opts.kind == C.Kind.REVERSE_KL:  # sum_j e^{zs_j - ms} (zs_j - zt_j)
-        st[C.DV_CROSS] = st[C.DV_CROSS] * rs + torch.linalg.vecdot(es, zs - zt)
+        diff = torch.sub(zs, zt, out=scratch(2, r, c))
+    zsc = zs.sub_(ms_new.unsqueeze(1)) if in_place else torch.sub(zs, ms_new.unsqueeze(1), out=scratch(3, r, c))
+    es = torch.exp(zsc, out=scratch(4, r, c)) if opts.entropy else zsc.exp_()
+    et = zt.sub_(mt_new.unsqueeze(1)) if in_place else torch.sub(zt, mt_new.unsqueeze(1), out=scratch(5, r, c))
+    et.exp_()
+    if opts.kind == C.Kind.FORWARD_KL:
+        st[C.DV_CROSS] = st[C.DV_CROSS] * rt + _rowdot_(et, diff)
+    elif opts.kind == C.Kind.REVERSE_KL:
+        st[C.DV_CROSS] = st[C.DV_CROSS] * rs + _rowdot_(es, diff)
     if opts.entropy:
         shift = torch.where(ss > 0, ms - ms_new, torch.zeros_like(ms))
-        st[C.DV_SENT] = rs * (st[C.DV_SENT] + shift * ss) + torch.linalg.vecdot(es, zsc)
+        st[C.DV_SENT] = rs * (st[C.DV_SENT] + shift * ss) + _rowdot_(es, zsc)
     st[C.DV_SSUM] = ss * rs + es.sum(1)
     st[C.DV_TSUM] = st[C.DV_TSUM] * rt + et.sum(1)
     st[C.DV_SMAX], st[C.DV_TMAX] = ms_new, mt_new
@@ -302,25 +326,28 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
     g = grad.to(cdt)
     saved = saved.to(cdt)
     lse_s, lse_t, aux = saved[:, 0], saved[:, 1], saved[:, 2]
+    scratch = _Scratch(rows, cols, s_hidden, cdt)
     for k, (c0, c1) in enumerate(ranges(vocab, cols)):
         w = s_weight[c0:c1]
         acc.begin_chunk(c0, c1)
         for r0, r1 in ranges(n, rows):
+            r, c = r1 - r0, c1 - c0
             if cached:
-                zs, zt = cache[0, k, :, : c1 - c0], cache[1, k, :, : c1 - c0]
+                zs, zt = cache[0, k, :, :c], cache[1, k, :, :c]
             else:
-                zs, zt = s.tile(r0, r1, c0, c1, cdt), t.tile(r0, r1, c0, c1, cdt)
-            log_ps = zs - lse_s[r0:r1].unsqueeze(1)
-            log_pt = zt - lse_t[r0:r1].unsqueeze(1)
+                zs, zt = s.tile(r0, r1, c0, c1, cdt, scratch(0, r, c)), t.tile(r0, r1, c0, c1, cdt, scratch(1, r, c))
+            dz = torch.sub(zs, lse_s[r0:r1].unsqueeze(1), out=scratch(2, r, c))  # log ps
+            other = torch.sub(zt, lse_t[r0:r1].unsqueeze(1), out=scratch(3, r, c))  # log pt
             gr = g[r0:r1].unsqueeze(1)
             if opts.kind == C.Kind.FORWARD_KL:
-                dz = log_ps.exp().sub_(log_pt.exp_()).mul_(gr)
-            elif opts.kind == C.Kind.REVERSE_KL:
-                dz = log_ps.exp().mul_((log_ps - log_pt).sub_(aux[r0:r1].unsqueeze(1))).mul_(gr)
+                dz.exp_().sub_(other.exp_()).mul_(gr)
             else:
-                log_m = _log_mixture(log_ps, log_pt, opts.beta)
-                dz = log_ps.exp().mul_((log_ps - log_m).sub_(aux[r0:r1].unsqueeze(1))).mul_(gr * (1.0 - opts.beta))
-            _chain(dz, zs, s.inv_temp, s.cap)
+                ps = torch.exp(dz, out=scratch(4, r, c))
+                if opts.kind == C.Kind.JSD:  # log pt -> log m
+                    other = _log_mixture(other.exp_(), ps, opts.beta, out=other)
+                    gr = gr * (1.0 - opts.beta)
+                dz.sub_(other).sub_(aux[r0:r1].unsqueeze(1)).mul_(ps).mul_(gr)
+            _chain(dz, zs, s.inv_temp, s.cap, scratch(3, r, c))
             acc.add(dz, s_hidden[r0:r1], w, r0, r1, c0, c1)
         acc.end_chunk(c0, c1)
     return acc.result(s_bias)
