@@ -38,7 +38,7 @@ from .primitives import (
     sequence_logprobs,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CPOLoss", "DPOLoss", "DistillLoss", "KTOLoss", "NLLLoss", "NPOLoss", "ORPOLoss", "PMLELoss", "PolicyKLLoss",
