@@ -57,6 +57,7 @@ def is_dtensor(t: object) -> bool:
 
 
 def any_dtensor(*tensors) -> bool:
+    """True if any of ``tensors`` is a DTensor (see :func:`is_dtensor`)."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and any(isinstance(t, mod.DTensor) for t in tensors)
 

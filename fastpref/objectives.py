@@ -24,6 +24,12 @@ import torch.nn.functional as F
 
 from . import _validate as V
 
+__all__ = [
+    "CPO_LOSS_TYPES", "DPO_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "KTO_LOSS_TYPES", "NLL_AVERAGES",
+    "cpo", "dpo", "f_divergence_score", "kto", "leave_one_out_baseline", "npo", "orpo", "pmle",
+    "preference_distillation", "reverse_kl", "sampled_kl", "score_function_surrogate", "simpo",
+]
+
 DPO_LOSS_TYPES = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",

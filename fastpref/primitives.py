@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from . import _validate as V
 from . import distributed as _dist
@@ -20,8 +19,7 @@ from .backends import contract as C
 from .ops import LinearDivergenceFunction, LinearLogprobsFunction
 
 __all__ = [
-    "DIVERGENCE_KINDS", "LinearDivergence", "LinearLogprobs", "LogprobsOutput", "linear_divergence",
-    "linear_logprobs", "sequence_logprobs",
+    "DIVERGENCE_KINDS", "EXTRA_OUTPUTS", "LogprobsOutput", "linear_divergence", "linear_logprobs", "sequence_logprobs",
 ]
 
 DIVERGENCE_KINDS = tuple(C.KIND_NAMES)
@@ -284,43 +282,10 @@ def linear_divergence(
     return (div, ent) if return_entropy else div
 
 
-class LinearLogprobs(nn.Module):
-    """Module twin of :func:`linear_logprobs`: options at construction, tensors at call."""
+def __getattr__(name: str):
+    # The module twins lived here before 0.2.0; they are defined in fastpref.modules now.
+    if name in ("LinearDivergence", "LinearLogprobs", "SequenceLogprobs"):
+        from . import modules
 
-    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
-                 logit_scale: float = 1.0, return_entropy: bool = False, outputs: Sequence[str] = (),
-                 backend: str = "auto"):
-        super().__init__()
-        self.options = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                            logit_scale=logit_scale, return_entropy=return_entropy, outputs=tuple(outputs),
-                            backend=backend)
-
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                bias: Optional[torch.Tensor] = None):
-        return linear_logprobs(hidden, weight, labels, bias, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-class LinearDivergence(nn.Module):
-    """Module twin of :func:`linear_divergence`: options at construction, tensors at call."""
-
-    def __init__(self, *, kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, return_entropy: bool = False,
-                 ignore_index: int = -100, backend: str = "auto"):
-        super().__init__()
-        self.options = dict(kind=kind, beta=beta, temperature=temperature, student_softcap=student_softcap,
-                            teacher_softcap=teacher_softcap, student_logit_scale=student_logit_scale,
-                            teacher_logit_scale=teacher_logit_scale, return_entropy=return_entropy,
-                            ignore_index=ignore_index, backend=backend)
-
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                teacher_weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None):
-        return linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                 student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return getattr(modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

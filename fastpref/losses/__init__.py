@@ -1,11 +1,28 @@
-"""Public losses (SPEC §4, §7): small formulas on the fused primitives, each with an
-``nn.Module`` twin whose constructor takes the same keyword options (same defaults)."""
+"""Public losses (docs/design.md §1): small formulas on the fused primitives, one module per family.
+
+================================ =========================================================================
+``dpo_loss``                     DPO and its variants by ``loss_type`` (TRL 1.16's ``DPOTrainer``)
+``pmle_loss``                    preference maximum-likelihood estimation (arXiv 2506.01523, §4.1)
+``preference_distillation_loss`` preference distillation (arXiv 2506.01523, §4.2)
+``reverse_kl_loss``              reverse-KL minimisation: RLHF plus an entropy bonus (§4.3)
+``policy_kl_loss``               the ``KL(π‖π₀)`` regulariser on policy samples
+``simpo_loss``                   SimPO, reference-free
+``cpo_loss``                     CPO (and its hinge / IPO / SimPO / AlphaPO forms) plus an NLL term
+``orpo_loss``                    ORPO: NLL plus an odds-ratio term
+``kto_loss``                     KTO, unpaired (and APO-zero unpaired)
+``npo_loss``                     NPO, unlearning on a forget set
+``nll_loss``                     plain NLL / SFT
+``distill_loss``                 token-level distillation of a teacher head (forward / reverse KL, JSD)
+================================ =========================================================================
+
+Each has an ``nn.Module`` twin in :mod:`fastpref.modules` (``fastpref.DPOLoss``, ...).  The same
+formulas on log-probs a trainer already has are in :mod:`fastpref.objectives`; the independent
+fp64 oracle of every loss is :mod:`fastpref.reference.losses`.
+"""
 
 from __future__ import annotations
 
-import inspect
-
-from torch import nn
+import importlib
 
 from .distill import distill_loss
 from .distribution import pmle_loss, policy_kl_loss, preference_distillation_loss, reverse_kl_loss
@@ -14,46 +31,19 @@ from .reference_free import cpo_loss, orpo_loss, simpo_loss
 from .sft import nll_loss
 from .unpaired import kto_loss, npo_loss
 
-
-def _module_twin(fn, name: str):
-    """``nn.Module`` whose ``__init__`` takes ``fn``'s keyword-only options and whose ``forward``
-    takes its positional tensors (and any per-batch keyword tensors)."""
-    keyword_only = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
-
-    def __init__(self, **options):
-        nn.Module.__init__(self)
-        unknown = set(options) - keyword_only
-        if unknown:
-            raise TypeError(f"{name}: unexpected option(s) {sorted(unknown)}; expected some of {sorted(keyword_only)}")
-        self.options = options
-
-    def forward(self, *args, **kwargs):
-        return fn(*args, **{**self.options, **kwargs})
-
-    def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-    doc = f"Module twin of :func:`fastpref.{fn.__name__}`: options at construction, tensors at call.\n\n"
-    return type(name, (nn.Module,), {"__init__": __init__, "forward": forward, "extra_repr": extra_repr,
-                                      "__doc__": doc + (fn.__doc__ or ""), "__module__": __name__})
-
-
-DPOLoss = _module_twin(dpo_loss, "DPOLoss")
-PMLELoss = _module_twin(pmle_loss, "PMLELoss")
-PreferenceDistillationLoss = _module_twin(preference_distillation_loss, "PreferenceDistillationLoss")
-ReverseKLLoss = _module_twin(reverse_kl_loss, "ReverseKLLoss")
-PolicyKLLoss = _module_twin(policy_kl_loss, "PolicyKLLoss")
-SimPOLoss = _module_twin(simpo_loss, "SimPOLoss")
-CPOLoss = _module_twin(cpo_loss, "CPOLoss")
-ORPOLoss = _module_twin(orpo_loss, "ORPOLoss")
-KTOLoss = _module_twin(kto_loss, "KTOLoss")
-NPOLoss = _module_twin(npo_loss, "NPOLoss")
-NLLLoss = _module_twin(nll_loss, "NLLLoss")
-DistillLoss = _module_twin(distill_loss, "DistillLoss")
-
 __all__ = [
-    "CPOLoss", "DPOLoss", "DistillLoss", "KTOLoss", "NLLLoss", "NPOLoss", "ORPOLoss", "PMLELoss", "PolicyKLLoss",
-    "PreferenceDistillationLoss", "ReverseKLLoss", "SimPOLoss", "cpo_loss", "distill_loss", "dpo_loss", "kto_loss",
-    "nll_loss", "npo_loss", "orpo_loss", "pmle_loss", "policy_kl_loss", "preference_distillation_loss",
-    "reverse_kl_loss", "simpo_loss",
+    "cpo_loss", "distill_loss", "dpo_loss", "kto_loss", "nll_loss", "npo_loss", "orpo_loss", "pmle_loss",
+    "policy_kl_loss", "preference_distillation_loss", "reverse_kl_loss", "simpo_loss",
 ]
+
+_TWINS = frozenset({
+    "CPOLoss", "DPOLoss", "DistillLoss", "KTOLoss", "NLLLoss", "NPOLoss", "ORPOLoss", "PMLELoss", "PolicyKLLoss",
+    "PreferenceDistillationLoss", "ReverseKLLoss", "SimPOLoss",
+})
+
+
+def __getattr__(name: str):
+    # The module twins lived here before 0.2.0; they are defined in fastpref.modules now.
+    if name in _TWINS:
+        return getattr(importlib.import_module("fastpref.modules"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,11 @@ import torch
 
 from .primitives import materialize_logits
 
+__all__ = [
+    "cpo", "distill", "dpo", "kto", "nll", "npo", "orpo", "pmle", "policy_kl", "preference_distillation", "reverse_kl",
+    "simpo", "token_logps",
+]
+
 
 def _log_sigmoid(x):
     return -torch.nn.functional.softplus(-x)
@@ -86,6 +91,8 @@ def dpo(hidden, weight, labels, bias=None, *, ref_chosen_logps=None, ref_rejecte
         ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
         f_divergence="reverse_kl", f_alpha=0.5, discopop_tau=0.05, rpo_alpha=None, use_weighting=False,
         wpo_max=None, ld_alpha=None, temperature=1.0, softcap=None, ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.dpo_loss`: the ``(P,)`` per-pair loss (weighted sum over the loss types, the RPO term,
+    WPO weights)."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol, n, tok, mask = _seq(hidden, weight, labels, bias, kw, ld_alpha)
     pre = None if ref_chosen_logps is None else torch.cat([ref_chosen_logps, ref_rejected_logps])
@@ -159,6 +166,7 @@ def _dpo_term(loss_type, pol, ref, n, tok, mask, P, beta, eps, f_divergence, f_a
 def pmle(hidden, weight, labels, bias=None, *, gamma, beta=0.0, ref_hidden=None, ref_weight=None, ref_bias=None,
          ref_logps=None, kl_estimator="token_exact", temperature=1.0, softcap=None, ignore_index=-100,
          precision="fp64"):
+    """Oracle of :func:`fastpref.pmle_loss`: the ``(P,)`` per-pair loss, plus ``beta ·`` the pair's mean KL estimate."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
     P = pol.shape[0] // 2
@@ -171,6 +179,7 @@ def preference_distillation(hidden, weight, labels, bias=None, *, gamma, reward_
                             target_prob=None, beta=0.0, ref_hidden=None, ref_weight=None, ref_bias=None,
                             ref_logps=None, kl_estimator="sampled", temperature=1.0, softcap=None, ignore_index=-100,
                             precision="fp64"):
+    """Oracle of :func:`fastpref.preference_distillation_loss`: the ``(P,)`` per-pair loss (plus ``beta ·`` KL)."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
     P = pol.shape[0] // 2
@@ -202,6 +211,8 @@ def token_kl(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, kw)
 def policy_kl(hidden, weight, labels, bias=None, *, estimator="sampled", ref_logps=None, ref_hidden=None,
               ref_weight=None, ref_bias=None, num_samples_per_prompt=1, temperature=1.0, softcap=None,
               ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.policy_kl_loss`: ``(B,)`` per-sequence KL estimates whose gradient is the score-
+    function surrogate's."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
     if estimator == "token_exact":  # E_y[κ(y)]: pathwise ∇κ plus the score term κ ∇ℓ (baseline b)
@@ -225,6 +236,8 @@ def reverse_kl(hidden, weight, labels, bias=None, *, rewards, beta, gamma, num_s
                entropy="sequence", kl_estimator="sampled", ref_logps=None, ref_hidden=None, ref_weight=None,
                ref_bias=None, old_logps=None, clip_eps=0.2, temperature=1.0, softcap=None, ignore_index=-100,
                precision="fp64"):
+    """Oracle of :func:`fastpref.reverse_kl_loss`: the ``(B,)`` per-sequence surrogate (RLOO baseline, optional
+    clipping, entropy bonus, KL)."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol, _, _, mask = _seq(hidden, weight, labels, bias, kw)
     r = rewards.to(pol.dtype)
@@ -261,6 +274,7 @@ def _chosen_nll(pol, n, tok, mask, P, nll_average):
 
 def simpo(hidden, weight, labels, bias=None, *, beta=2.0, gamma_margin=1.0, label_smoothing=0.0, nll_weight=0.0,
           nll_average="token", temperature=1.0, softcap=None, ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.simpo_loss`: the ``(P,)`` per-pair loss (plus the weighted chosen NLL)."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol, n, tok, mask = _seq(hidden, weight, labels, bias, kw)
     P = pol.shape[0] // 2
@@ -300,6 +314,8 @@ def cpo(hidden, weight, labels, bias=None, *, beta=0.1, loss_type="sigmoid", lab
 
 def orpo(hidden, weight, labels, bias=None, *, nll_labels=None, beta=0.1, nll_average="token", temperature=1.0,
          softcap=None, ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.orpo_loss`: the ``(P,)`` per-pair ``NLL + beta · odds-ratio term`` (no odds term for
+    an empty response)."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol, n, tok, mask = _seq(hidden, weight, labels, bias, kw)
     P = pol.shape[0] // 2
@@ -322,6 +338,7 @@ def orpo(hidden, weight, labels, bias=None, *, nll_labels=None, beta=0.1, nll_av
 def kto(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, ref_hidden=None, ref_weight=None,
         ref_bias=None, kl_logps=None, ref_kl_logps=None, beta=0.1, loss_type="kto", desirable_weight=1.0,
         undesirable_weight=1.0, batch_kl=False, temperature=1.0, softcap=None, ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.kto_loss`: the ``(B,)`` per-sequence loss, one sequence at a time."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
     rho = pol - _ref_seq(labels, ref_logps, ref_hidden, ref_weight, ref_bias, kw)
@@ -345,6 +362,7 @@ def kto(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, ref_hid
 
 def npo(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
         beta=0.1, temperature=1.0, softcap=None, ignore_index=-100, precision="fp64"):
+    """Oracle of :func:`fastpref.npo_loss`: the ``(B,)`` per-sequence loss ``-(2/β) log σ(-β ρ)``."""
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, precision=precision)
     pol = _seq(hidden, weight, labels, bias, kw)[0]
     rho = pol - _ref_seq(labels, ref_logps, ref_hidden, ref_weight, ref_bias, kw)
@@ -377,6 +395,7 @@ def distill(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
 
 def nll(hidden, weight, labels, bias=None, *, temperature=1.0, softcap=None, ignore_index=-100,
         precision="fp64") -> torch.Tensor:
+    """Oracle of :func:`fastpref.nll_loss`: ``-log p`` of each label ``(B, T)``, 0 where ignored."""
     tok, _ = token_logps(hidden, weight, labels, bias, temperature=temperature, softcap=softcap,
                          ignore_index=ignore_index, precision=precision)
     return -tok

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+__all__ = ["linear_divergence", "linear_logprobs", "materialize_logits", "sequence_logprobs"]
+
 
 def materialize_logits(
     hidden: torch.Tensor,
