@@ -92,8 +92,8 @@ def quiet_import():
 
     Liger-Kernel, cut-cross-entropy, TRL and Triton import ``torch.utils.cpp_extension`` and friends,
     which warn through ``warnings`` and ``logging`` (e.g. torch's "No CUDA runtime is found" on a CPU
-    box) or print.  Inside this block Python warnings are recorded, log records below ERROR are
-    dropped and ``sys.stdout`` / ``sys.stderr`` are captured; what was captured is available as
+    box) or print.  Inside this block Python warnings and log records below ERROR are recorded instead
+    of shown, and ``sys.stdout`` / ``sys.stderr`` are captured; what was captured is available as
     ``.text`` on the yielded object for a caller that wants to report it in one line.
     """
 
@@ -103,8 +103,15 @@ def quiet_import():
     cap = Captured()
     out, err = io.StringIO(), io.StringIO()
     caught: List[warnings.WarningMessage] = []
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logged: List[str] = []
+    handle = logging.Logger.handle
+
+    def quiet_handle(logger, record):  # every logger, whatever handlers it has
+        if record.levelno >= logging.ERROR:
+            return handle(logger, record)
+        logged.append(f"{record.levelname}: {record.getMessage()}")
+
+    logging.Logger.handle = quiet_handle
     try:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
@@ -114,8 +121,8 @@ def quiet_import():
             finally:
                 caught = list(record)
     finally:
-        logging.disable(previous)
-        lines = [ln.strip() for ln in (out.getvalue() + err.getvalue()).splitlines() if ln.strip()]
+        logging.Logger.handle = handle
+        lines = logged + [ln.strip() for ln in (out.getvalue() + err.getvalue()).splitlines() if ln.strip()]
         lines += [f"{w.category.__name__}: {w.message}" for w in caught]
         cap.text = "; ".join(dict.fromkeys(lines))
 
