@@ -203,13 +203,14 @@ def make_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
 
 
 def args_of(case: Case, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    """The workload's arguments, in order; the floor's extra ``dz`` last when ``inputs`` has it."""
-    names = ARGS[case.workload] + ((FLOOR_DZ,) if FLOOR_DZ in inputs else ())
+    """The workload's arguments, in order; the floor's extra ``dz`` and logits buffer last when ``inputs``
+    has them."""
+    names = ARGS[case.workload] + ((FLOOR_DZ, FLOOR_Z) if FLOOR_DZ in inputs else ())
     return tuple(inputs[n] for n in names)
 
 
 def make_provider_inputs(case: Case, provider: str, device: torch.device) -> Dict[str, torch.Tensor]:
-    """:func:`make_inputs`, plus what ``provider`` alone needs (the floor's ``dz``)."""
+    """:func:`make_inputs`, plus what ``provider`` alone needs (the floor's ``dz`` and logits buffer)."""
     x = make_inputs(case, device)
     if provider == "floor":
         x.update(floor_inputs(case, device))
@@ -412,52 +413,58 @@ FLOOR_GEMMS = {"logprobs": 3, "dpo": 4, "pref_distill": 3, "jsd": 4}
 # The frozen head a workload also runs forward (its hidden and weight arguments), if any.
 FROZEN_HEAD = {"dpo": ("ref_hidden", "ref_weight"), "jsd": ("teacher_hidden", "teacher_weight")}
 
-FLOOR_DZ = "floor_dz"  # the floor's extra input: a random stand-in for d loss / d logits, [N, V]
+# The floor's extra inputs, both [N, V] in the case's dtype: a random stand-in for d loss / d logits, and
+# the buffer the forward GEMMs write the logits into (allocated once, like a fused kernel's reused tiles,
+# so the floor times the GEMMs and not the page faults of a fresh [N, V] allocation on every call).
+FLOOR_DZ = "floor_dz"
+FLOOR_Z = "floor_z"
 
 
 class _GemmFloor(torch.autograd.Function):
     """The GEMMs of :data:`FLOOR_GEMMS` and nothing else.
 
-    Forward: ``z = h @ W^T`` (and the frozen head's logits), dropped at once (a fused loss keeps no
-    ``[N, V]`` tensor); returns one logit as a stand-in loss.  Backward: the gradients of
-    ``sum(z * dz)`` for the given ``dz``, i.e. ``d h = dz @ W`` and ``d W = dz^T @ h`` (the upstream
-    scalar gradient is ignored: the bench passes 1).
+    Forward: ``z = h @ W^T`` (and the frozen head's logits) into the preallocated ``z`` buffer; returns
+    one logit as a stand-in loss.  Backward: the gradients of ``sum(z * dz)`` for the given ``dz``, i.e.
+    ``d h = dz @ W`` and ``d W = dz^T @ h`` (the upstream scalar gradient is ignored: the bench passes 1).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, dz, frozen_hidden, frozen_weight):
-        h = hidden.reshape(-1, hidden.shape[-1])
-        z = h @ weight.T
+    def forward(ctx, hidden, weight, dz, z, frozen_hidden, frozen_weight):
+        torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.T, out=z)
+        loss = z[0, 0].float().clone()
         if frozen_hidden is not None:
-            z_frozen = frozen_hidden.reshape(-1, frozen_hidden.shape[-1]) @ frozen_weight.T
-            del z_frozen
+            torch.mm(frozen_hidden.reshape(-1, frozen_hidden.shape[-1]), frozen_weight.T, out=z)
         ctx.save_for_backward(hidden, weight, dz)
-        return z[0, 0].float().clone()
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, dz = ctx.saved_tensors
         h = hidden.reshape(-1, hidden.shape[-1])
-        return (dz @ weight).view_as(hidden), dz.T @ h, None, None, None
+        return (dz @ weight).view_as(hidden), dz.T @ h, None, None, None, None
 
 
 def floor_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
-    """The floor's extra input: ``dz`` ~ N(0, 1/V) of shape ``[N, V]`` in the case's dtype, seeded."""
+    """The floor's extra inputs, ``[N, V]`` in the case's dtype: ``dz`` ~ N(0, 1/V) (seeded) and the
+    logits buffer (zero-filled, so its pages exist before the first call)."""
     dtype = getattr(torch, case.dtype)
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     g = torch.Generator(device=gen_device).manual_seed(case.seed + 1)
     dz = torch.randn(case.N, case.V, generator=g, device=gen_device, dtype=torch.float32)
-    return {FLOOR_DZ: dz.mul_(case.V**-0.5).to(device=device, dtype=dtype)}
+    return {
+        FLOOR_DZ: dz.mul_(case.V**-0.5).to(device=device, dtype=dtype),
+        FLOOR_Z: torch.zeros(case.N, case.V, device=device, dtype=dtype),
+    }
 
 
 def _floor_fn(workload: str) -> Callable:
-    names = ARGS[workload] + (FLOOR_DZ,)
+    names = ARGS[workload] + (FLOOR_DZ, FLOOR_Z)
     frozen = FROZEN_HEAD.get(workload)
 
     def f(*args):
         x = dict(zip(names, args))
         fh, fw = (x[frozen[0]], x[frozen[1]]) if frozen else (None, None)
-        return _GemmFloor.apply(x["hidden"], x["weight"], x[FLOOR_DZ], fh, fw)
+        return _GemmFloor.apply(x["hidden"], x["weight"], x[FLOOR_DZ], x[FLOOR_Z], fh, fw)
 
     return f
 
