@@ -434,3 +434,20 @@ def _note_line(stdout: str) -> str:
     notes = [ln for ln in stdout.splitlines() if "import-time output suppressed" in ln]
     assert len(notes) == 1 and notes[0].startswith("liger: "), stdout
     return notes[0]
+
+
+def test_single_case_sweep_draws_floors_as_horizontal_lines():
+    import matplotlib.pyplot as plt
+
+    sweep, results = _fake_sweep()
+    sweep = Sweep(sweep.name, sweep.workload, "T", sweep.cases[1:2])
+    fig = report.make_figure(sweep, ["floor", "naive", "fastpref-torch"], results, META)
+    try:
+        ax_t, ax_m = fig.axes
+        (floor_t,) = [ln for ln in ax_t.get_lines() if ln.get_label().startswith("floor")]
+        (floor_m,) = [ln for ln in ax_m.get_lines() if ln.get_label().startswith("gradient floor")]
+        assert set(floor_t.get_ydata()) == {4.0}
+        assert list(floor_m.get_ydata()) == pytest.approx([report.gradient_floor_mib(sweep.cases[0])] * 2)
+        assert ax_t.get_legend() is not None and ax_m.get_legend() is not None
+    finally:
+        plt.close(fig)

@@ -323,16 +323,21 @@ def make_figure(sweep: Sweep, providers: List[str], results: List[Dict], meta: O
         plt.close(fig)
         return None
 
+    def floor_line(ax, xs, ys, label):
+        style = dict(color=provider_color(FLOOR), ls="--", lw=1.6, label=label, zorder=5)
+        if len(xs) == 1:  # one case: a horizontal line across the panel
+            ax.axhline(ys[0], **style)
+        else:
+            ax.plot(xs, ys, marker="D", markersize=3.5, **style)
+
     floor_pts = [(getattr(c, s.axis), by_key.get((c.key, FLOOR))) for c in s.cases]
     floor_pts = [(x, r) for x, r in floor_pts if r is not None and r["status"] == "ok"]
     if floor_pts:
         gemms = floor_pts[0][1].get("gemms")
         what = f"{gemms} GEMMs, {2 * gemms}NDV" if gemms else "GEMMs only"
-        ax_t.plot([x for x, _ in floor_pts], [r["time_ms"] for _, r in floor_pts], color=provider_color(FLOOR),
-                  ls="--", lw=1.6, marker="D", markersize=3.5, label=f"floor ({what})", zorder=5)
+        floor_line(ax_t, [x for x, _ in floor_pts], [r["time_ms"] for _, r in floor_pts], f"floor ({what})")
     xs_all = [getattr(c, s.axis) for c in s.cases]
-    ax_m.plot(xs_all, [gradient_floor_mib(c) for c in s.cases], color=provider_color(FLOOR), ls="--", lw=1.6,
-              label="gradient floor (d hidden + d weight)", zorder=5)
+    floor_line(ax_m, xs_all, [gradient_floor_mib(c) for c in s.cases], "gradient floor (d hidden + d weight)")
 
     fp = _pick_fastpref(s, providers, by_key)
     speedups, savings = [], []
