@@ -92,7 +92,7 @@ def run_case(case: Case, provider: str, device: torch.device, *, repeats: int = 
     )
     if provider == "floor":
         # The floor's memory is the gradient floor: d hidden and d weight, which every provider returns.
-        # What its bare GEMMs allocated (the [N, V] logits) is kept for reference only.
+        # What the call itself added (those gradients, plus any GEMM workspace) is kept for reference.
         rec.update(
             gemms=workloads.FLOOR_GEMMS[case.workload],
             measured_peak_mib=rec["peak_mib"],

@@ -450,9 +450,9 @@ def floor_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
     dtype = getattr(torch, case.dtype)
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     g = torch.Generator(device=gen_device).manual_seed(case.seed + 1)
-    dz = torch.randn(case.N, case.V, generator=g, device=gen_device, dtype=torch.float32)
+    dz = torch.randn(case.N, case.V, generator=g, device=gen_device, dtype=dtype)  # no fp32 copy of [N, V]
     return {
-        FLOOR_DZ: dz.mul_(case.V**-0.5).to(device=device, dtype=dtype),
+        FLOOR_DZ: dz.mul_(case.V**-0.5).to(device=device),
         FLOOR_Z: torch.zeros(case.N, case.V, device=device, dtype=dtype),
     }
 
