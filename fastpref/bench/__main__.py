@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     providers = [report.FLOOR] + [p for p in dict.fromkeys(providers) if p != report.FLOOR]
     isolate = (not args.quick) if args.isolate is None else args.isolate
     gpu = device.type == "cuda"
-    repeats = args.repeats or (10 if gpu else (1 if args.quick else 3))
+    repeats = args.repeats or (10 if gpu else 3)  # --quick too: a few ms per call, and ×floor needs a median
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
 
     threads = args.threads or (1 if args.quick else None)
