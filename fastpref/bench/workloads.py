@@ -8,9 +8,12 @@ student ``hidden`` and ``weight`` (the reference / teacher side is frozen everyw
 Providers:
 
 - ``floor``: the GEMM floor, only the plain matrix products a fused forward+backward of the
-  workload cannot avoid (:data:`FLOOR_GEMMS`), in the input dtype, nothing else: every other
-  provider's time is reported as a multiple of it.  Its memory is the gradient floor, the
-  bytes of ``d hidden`` and ``d weight`` that every provider must return.
+  workload cannot avoid, in the input dtype, nothing else (:data:`FLOOR_GEMMS`): ``logprobs`` and
+  ``pref_distill`` 3 GEMMs, 6NDV FLOPs (``z = h W^T``, ``d h = dz W``, ``d W = dz^T h`` with a
+  random ``dz``); ``dpo`` and ``jsd`` 4 GEMMs, 8NDV (those 3 plus the forward of the frozen
+  reference / teacher head).  Every other provider's time is reported as a multiple of it.  Its
+  memory is the gradient floor, the bytes of ``d hidden`` and ``d weight`` that every provider
+  must return.
 - ``naive``: :mod:`fastpref.reference` with ``precision="native"``, i.e. what plain
   PyTorch code does: materialise the ``[N, V]`` logits, log-softmax, gather; autograd.
 - ``compiled``: ``torch.compile`` of that same naive function.
