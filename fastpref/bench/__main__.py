@@ -1,12 +1,16 @@
 """``fastpref-bench`` / ``python -m fastpref.bench``: time and peak memory of fastpref against
-the naive reference, torch.compile, Liger-Kernel and cut-cross-entropy, same inputs, same run.
+the GEMM floor, the naive reference, torch.compile, Liger-Kernel, cut-cross-entropy, TRL and
+torch's linear_cross_entropy, same inputs, same run.
 
     fastpref-bench                      # the sweep for the device found (CPU: a few minutes)
     fastpref-bench --quick              # tiny shapes (CI)
     fastpref-bench --workloads logprobs,dpo --providers naive,fastpref-torch,liger --out results/
     fastpref-bench --distributed        # a split LM head over 1, 2, 4 ranks (fastpref.bench.distributed)
 
-Writes ``results.json``, ``results.md`` and one PNG per sweep into ``--out``.
+Writes ``results.json``, ``results.md`` and one PNG per sweep into ``--out``.  The ``floor``
+provider (the plain GEMMs of the workload, ``fastpref.bench.workloads.FLOOR_GEMMS``) is always
+timed first, like any other provider; every time is also reported as a multiple of it (``×floor``).
+A provider whose package is missing is reported in one line and skipped.
 """
 
 from __future__ import annotations
@@ -72,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results/)")
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
-    p.add_argument("--providers", help=f"comma list of {', '.join(workloads.PROVIDERS)} (default: all)")
+    p.add_argument(
+        "--providers",
+        help=f"comma list of {', '.join(workloads.PROVIDERS)} (default: all; floor is always added)",
+    )
     p.add_argument("--repeats", type=int, help="timed calls per case, median reported (default: CPU 3, GPU 10)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default: CPU 1, GPU 3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 with --quick)")
@@ -108,9 +115,11 @@ def main(argv=None) -> int:
         raise SystemExit("--device: CUDA was asked for but torch.cuda.is_available() is False")
     wl = _csv(args.workloads, WORKLOADS, "workloads")
     providers = _csv(args.providers, workloads.PROVIDERS, "providers") or list(workloads.PROVIDERS)
+    # The floor first: every other time of a case is reported as a multiple of it.
+    providers = [report.FLOOR] + [p for p in dict.fromkeys(providers) if p != report.FLOOR]
     isolate = (not args.quick) if args.isolate is None else args.isolate
     gpu = device.type == "cuda"
-    repeats = args.repeats or (10 if gpu else (1 if args.quick else 3))
+    repeats = args.repeats or (10 if gpu else 3)  # --quick too: a few ms per call, and ×floor needs a median
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
 
     threads = args.threads or (1 if args.quick else None)
@@ -143,10 +152,16 @@ def main(argv=None) -> int:
         flush=True,
     )
 
+    # A provider whose package is not installed: one line now, nothing per case.
+    missing = {p: r for p in providers if (r := workloads.missing_package_reason(p)) is not None}
+    for p, reason in missing.items():
+        print(f"{p}: skipped — {reason}", flush=True)
+
     load_before = _loadavg()
     t_start = time.perf_counter()
     results: List[Dict] = []
     width = len(str(len(plan)))
+    said: set = set()  # (provider, reason) of skips already printed; ("note", provider) of import notes
     i = 0
     for case in cases:
         wreason = workloads.workload_skip_reason(case.workload)
@@ -158,8 +173,12 @@ def main(argv=None) -> int:
                 flush=True,
             )
             continue
+        floor_ms = None
         for prov in providers:
             i += 1
+            if prov in missing:
+                results.append(runner.skipped(case, prov, device, missing[prov]))
+                continue
             reason = workloads.provider_skip_reason(case.workload, prov, device)
             if reason is not None:
                 rec = runner.skipped(case, prov, device, reason)
@@ -170,7 +189,17 @@ def main(argv=None) -> int:
             else:
                 rec = runner.run_case(case, prov, device, repeats=repeats, warmup=warmup)
             results.append(rec)
-            print(_progress_line(i, len(plan), width, case, prov, rec), flush=True)
+            if prov == report.FLOOR and rec["status"] == "ok":
+                floor_ms = rec["time_ms"]
+            note = rec.get("import_note") or workloads.IMPORT_NOTES.get(prov)
+            if note and ("note", prov) not in said:
+                said.add(("note", prov))
+                print(f"{prov}: import-time output suppressed: {_short(note)}", flush=True)
+            if rec["status"] == "skipped":  # the same reason is printed once, the markdown lists every case
+                if (prov, rec.get("reason")) in said:
+                    continue
+                said.add((prov, rec.get("reason")))
+            print(_progress_line(i, len(plan), width, case, prov, rec, floor_ms), flush=True)
 
     report.annotate(results)
     meta = {
@@ -189,6 +218,7 @@ def main(argv=None) -> int:
         "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy"),
         "triton": _version("triton"),
+        "floor_gemms": dict(workloads.FLOOR_GEMMS),
         "sweep": "quick" if args.quick else ("gpu" if gpu else "cpu"),
         "isolated": isolate,
         "repeats": repeats,
@@ -206,15 +236,26 @@ def main(argv=None) -> int:
     }
     json_path = os.path.join(args.out, "results.json")
     report.write_json(json_path, meta, wl_info, sweeps, providers, results)
-    try:
-        plots = report.write_plots(args.out, sweeps, providers, results)
-    except ImportError as exc:  # matplotlib is an optional (bench extra) dependency
-        print(f"plots skipped: {exc} (pip install matplotlib)", flush=True)
-        plots = {}
+    plots = _plots(args.out, sweeps, providers, results, meta)
     md_path = os.path.join(args.out, "results.md")
     report.write_markdown(md_path, meta, wl_info, sweeps, providers, results, plots)
     print(f"wrote {json_path}, {md_path} and {len(plots)} plots in {meta['wall_s']} s", flush=True)
     return 0
+
+
+def _plots(out, sweeps, providers, results, meta) -> Dict[str, str]:
+    """The PNGs, or one line saying why there are none (matplotlib is in the ``bench`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots skipped — matplotlib not installed (pip install 'fastpref[bench]')", flush=True)
+        return {}
+    return report.write_plots(out, sweeps, providers, results, meta)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _loadavg() -> Optional[List[float]]:
@@ -224,10 +265,15 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
-def _progress_line(i, n, width, case, prov, rec) -> str:
+def _progress_line(i, n, width, case, prov, rec, floor_ms=None) -> str:
     head = f"[{i:>{width}}/{n}] {case.workload:<12} {case.shape:<40} {prov:<15}"
     if rec["status"] == "ok":
-        return f"{head} {rec['time_ms']:>10.1f} ms {rec['peak_mib']:>9.1f} MiB"
+        line = f"{head} {rec['time_ms']:>10.1f} ms {rec['peak_mib']:>9.1f} MiB"
+        if prov == report.FLOOR:
+            return line + f"  ({rec.get('gemms', '?')} GEMMs; memory = gradients)"
+        if floor_ms:
+            line += f" {rec['time_ms'] / floor_ms:>7.2f}×floor"
+        return line
     return f"{head} {rec['status']}: {rec.get('reason', '')}"
 
 

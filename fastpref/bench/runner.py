@@ -42,7 +42,7 @@ def skipped(case: Case, provider: str, device: torch.device, reason: str) -> Dic
 def prepare(case: Case, provider: str, device: torch.device):
     """Inputs, step and trainable tensors of (case, provider); raises ``workloads.Skip``."""
     fn = workloads.loss_fn(case.workload, provider, device)
-    inputs = workloads.make_inputs(case, device)
+    inputs = workloads.make_provider_inputs(case, provider, device)
     params = workloads.trainable(inputs)
     step = measure.make_step(fn, workloads.args_of(case, inputs), params, device)
     return inputs, params, step
@@ -90,6 +90,17 @@ def run_case(case: Case, provider: str, device: torch.device, *, repeats: int = 
         peak_mib=mem["peak_bytes"] / measure.MiB,
         mem_method=mem["mem_method"],
     )
+    if provider == "floor":
+        # The floor's memory is the gradient floor: d hidden and d weight, which every provider returns.
+        # What the call itself added (those gradients, plus any GEMM workspace) is kept for reference.
+        rec.update(
+            gemms=workloads.FLOOR_GEMMS[case.workload],
+            measured_peak_mib=rec["peak_mib"],
+            peak_mib=rec["grad_mib"],
+            mem_method="gradient floor: bytes of d hidden + d weight (not measured)",
+        )
+    if workloads.IMPORT_NOTES.get(provider):
+        rec["import_note"] = workloads.IMPORT_NOTES[provider]
     rec["tflops"] = case.flops / (rec["time_ms"] * 1e-3) / 1e12
     return rec
 

@@ -7,6 +7,13 @@ student ``hidden`` and ``weight`` (the reference / teacher side is frozen everyw
 
 Providers:
 
+- ``floor``: the GEMM floor, only the plain matrix products a fused forward+backward of the
+  workload cannot avoid, in the input dtype, nothing else (:data:`FLOOR_GEMMS`): ``logprobs`` and
+  ``pref_distill`` 3 GEMMs, 6NDV FLOPs (``z = h W^T``, ``d h = dz W``, ``d W = dz^T h`` with a
+  random ``dz``); ``dpo`` and ``jsd`` 4 GEMMs, 8NDV (those 3 plus the forward of the frozen
+  reference / teacher head).  Every other provider's time is reported as a multiple of it.  Its
+  memory is the gradient floor, the bytes of ``d hidden`` and ``d weight`` that every provider
+  must return.
 - ``naive``: :mod:`fastpref.reference` with ``precision="native"``, i.e. what plain
   PyTorch code does: materialise the ``[N, V]`` logits, log-softmax, gather; autograd.
 - ``compiled``: ``torch.compile`` of that same naive function.
@@ -29,8 +36,12 @@ Providers:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
+import io
+import logging
 import os
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -47,12 +58,98 @@ PD_GAMMA = 0.1
 JSD_BETA = 0.5
 
 PROVIDERS = (
-    "naive", "compiled", "fastpref-torch", "fastpref-triton", "fastpref-cuda", "liger", "cce", "trl", "torch-lce",
+    "floor", "naive", "compiled", "fastpref-torch", "fastpref-triton", "fastpref-cuda", "liger", "cce", "trl", "torch-lce",
 )
 
 
 class Skip(Exception):
     """A provider that cannot run a workload on this device; the message says why."""
+
+
+# Providers that need an optional package: provider -> (module, distribution, pip extra).
+OPTIONAL_PACKAGES = {
+    "liger": ("liger_kernel", "liger-kernel", "bench"),
+    "cce": ("cut_cross_entropy", "cut-cross-entropy", "bench"),
+    "trl": ("trl", "trl", "trl"),
+}
+
+
+def missing_package_reason(provider: str) -> Optional[str]:
+    """``"liger-kernel not installed (pip install 'fastpref[bench]')"`` when ``provider``'s package is
+    absent, else None.  Looks the package up without importing it (no import-time side effects)."""
+    if provider not in OPTIONAL_PACKAGES:
+        return None
+    module, dist, extra = OPTIONAL_PACKAGES[provider]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a broken module spec
+        found = False
+    if found:
+        return None
+    return f"{dist} not installed (pip install 'fastpref[{extra}]')"
+
+
+@contextlib.contextmanager
+def quiet_import():
+    """Import optional providers without their import-time chatter reaching the terminal.
+
+    Liger-Kernel, cut-cross-entropy, TRL and Triton import ``torch.utils.cpp_extension`` and friends,
+    which warn through ``warnings`` and ``logging`` (e.g. torch's "No CUDA runtime is found" on a CPU
+    box) or print.  Inside this block Python warnings and log records below ERROR are recorded instead
+    of shown, and ``sys.stdout`` / ``sys.stderr`` are captured; what was captured is available as
+    ``.text`` on the yielded object for a caller that wants to report it in one line.
+    """
+
+    class Captured:
+        text = ""
+
+    cap = Captured()
+    out, err = io.StringIO(), io.StringIO()
+    caught: List[warnings.WarningMessage] = []
+    logged: List[str] = []
+    handle = logging.Logger.handle
+
+    def quiet_handle(logger, record):  # every logger, whatever handlers it has
+        if record.levelno >= logging.ERROR:
+            return handle(logger, record)
+        logged.append(f"{record.levelname}: {record.getMessage()}")
+
+    logging.Logger.handle = quiet_handle
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    yield cap
+            finally:
+                caught = list(record)
+    finally:
+        logging.Logger.handle = handle
+        lines = logged + [ln.strip() for ln in (out.getvalue() + err.getvalue()).splitlines() if ln.strip()]
+        lines += [f"{w.category.__name__}: {w.message}" for w in caught]
+        cap.text = "; ".join(dict.fromkeys(lines))
+
+
+# Text an optional provider's import printed or warned, per provider (reported once, in one line).
+IMPORT_NOTES: Dict[str, str] = {}
+
+
+def _import_optional(provider: str, importer: Callable):
+    """``importer()`` under :func:`quiet_import`; :class:`Skip` with one line when the package is missing
+    or its import fails."""
+    reason = missing_package_reason(provider)
+    if reason is not None:
+        raise Skip(reason)
+    dist = OPTIONAL_PACKAGES[provider][1]
+    with quiet_import() as q:
+        try:
+            result = importer()
+        except Exception as exc:  # installed but broken, or too old to have the API used here
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise Skip(f"{dist} installed but not importable ({type(exc).__name__}: {first})") from exc
+    if q.text:
+        IMPORT_NOTES[provider] = q.text
+    return result
 
 
 # --------------------------------------------------------------------------- inputs
@@ -109,7 +206,18 @@ def make_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
 
 
 def args_of(case: Case, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-    return tuple(inputs[n] for n in ARGS[case.workload])
+    """The workload's arguments, in order; the floor's extra ``dz`` and logits buffer last when ``inputs``
+    has them."""
+    names = ARGS[case.workload] + ((FLOOR_DZ, FLOOR_Z) if FLOOR_DZ in inputs else ())
+    return tuple(inputs[n] for n in names)
+
+
+def make_provider_inputs(case: Case, provider: str, device: torch.device) -> Dict[str, torch.Tensor]:
+    """:func:`make_inputs`, plus what ``provider`` alone needs (the floor's ``dz`` and logits buffer)."""
+    x = make_inputs(case, device)
+    if provider == "floor":
+        x.update(floor_inputs(case, device))
+    return x
 
 
 # --------------------------------------------------------------------------- naive losses
@@ -292,6 +400,78 @@ def _fastpref_fn(workload: str, backend: str) -> Callable:
     return f
 
 
+# --------------------------------------------------------------------------- the GEMM floor
+
+# The plain GEMMs of one fused forward+backward, per workload (each N*D*V multiply-adds, 2NDV FLOPs):
+#
+# - logprobs, pref_distill: the policy head, 3 GEMMs (6NDV): logits z = h @ W^T, then d h = dz @ W and
+#   d W = dz^T @ h;
+# - dpo: those 3 plus the frozen reference head's forward, z_ref = h_ref @ W_ref^T: 4 GEMMs (8NDV);
+# - jsd: those 3 plus the frozen teacher head's forward, z_t = h_t @ W_t^T: 4 GEMMs (8NDV).
+#
+# A fused implementation that recomputes the logits in its backward does one more (SPEC's 8NDV floor of
+# linear_logprobs); the floor counts the useful work only, as ``Case.flops`` does.
+FLOOR_GEMMS = {"logprobs": 3, "dpo": 4, "pref_distill": 3, "jsd": 4}
+
+# The frozen head a workload also runs forward (its hidden and weight arguments), if any.
+FROZEN_HEAD = {"dpo": ("ref_hidden", "ref_weight"), "jsd": ("teacher_hidden", "teacher_weight")}
+
+# The floor's extra inputs, both [N, V] in the case's dtype: a random stand-in for d loss / d logits, and
+# the buffer the forward GEMMs write the logits into (allocated once, like a fused kernel's reused tiles,
+# so the floor times the GEMMs and not the page faults of a fresh [N, V] allocation on every call).
+FLOOR_DZ = "floor_dz"
+FLOOR_Z = "floor_z"
+
+
+class _GemmFloor(torch.autograd.Function):
+    """The GEMMs of :data:`FLOOR_GEMMS` and nothing else.
+
+    Forward: ``z = h @ W^T`` (and the frozen head's logits) into the preallocated ``z`` buffer; returns
+    one logit as a stand-in loss.  Backward: the gradients of ``sum(z * dz)`` for the given ``dz``, i.e.
+    ``d h = dz @ W`` and ``d W = dz^T @ h`` (the upstream scalar gradient is ignored: the bench passes 1).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, dz, z, frozen_hidden, frozen_weight):
+        torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.T, out=z)
+        loss = z[0, 0].float().clone()
+        if frozen_hidden is not None:
+            torch.mm(frozen_hidden.reshape(-1, frozen_hidden.shape[-1]), frozen_weight.T, out=z)
+        ctx.save_for_backward(hidden, weight, dz)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, dz = ctx.saved_tensors
+        h = hidden.reshape(-1, hidden.shape[-1])
+        return (dz @ weight).view_as(hidden), dz.T @ h, None, None, None, None
+
+
+def floor_inputs(case: Case, device: torch.device) -> Dict[str, torch.Tensor]:
+    """The floor's extra inputs, ``[N, V]`` in the case's dtype: ``dz`` ~ N(0, 1/V) (seeded) and the
+    logits buffer (zero-filled, so its pages exist before the first call)."""
+    dtype = getattr(torch, case.dtype)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=gen_device).manual_seed(case.seed + 1)
+    dz = torch.randn(case.N, case.V, generator=g, device=gen_device, dtype=dtype)  # no fp32 copy of [N, V]
+    return {
+        FLOOR_DZ: dz.mul_(case.V**-0.5).to(device=device),
+        FLOOR_Z: torch.zeros(case.N, case.V, device=device, dtype=dtype),
+    }
+
+
+def _floor_fn(workload: str) -> Callable:
+    names = ARGS[workload] + (FLOOR_DZ, FLOOR_Z)
+    frozen = FROZEN_HEAD.get(workload)
+
+    def f(*args):
+        x = dict(zip(names, args))
+        fh, fw = (x[frozen[0]], x[frozen[1]]) if frozen else (None, None)
+        return _GemmFloor.apply(x["hidden"], x["weight"], x[FLOOR_DZ], x[FLOOR_Z], fh, fw)
+
+    return f
+
+
 # --------------------------------------------------------------------------- liger
 
 
@@ -303,30 +483,35 @@ def _liger_fn(workload: str, device: torch.device) -> Callable:
             "LigerFusedLinearCrossEntropyLoss is a Triton kernel: needs a CUDA GPU "
             "(on CPU only under TRITON_INTERPRET=1, a numerics-only interpreter)"
         )
-    try:
+
+    def load():
         if workload == "logprobs":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        elif workload == "dpo":
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        else:
-            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-    except Exception as exc:  # not installed, or a broken install
-        raise Skip(f"liger-kernel not importable ({type(exc).__name__}: {exc})") from exc
 
+            return LigerFusedLinearCrossEntropyLoss
+        if workload == "dpo":
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+            return LigerFusedLinearDPOLoss
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        return LigerFusedLinearJSDLoss
+
+    cls = _import_optional("liger", load)
     if workload == "logprobs":
-        lce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
+        lce = cls(ignore_index=IGNORE_INDEX, reduction="none")
 
         def f(hidden, weight, labels, grad_out):
             nll = lce(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
             return (-nll.float() * grad_out.reshape(-1)).sum()
     elif workload == "dpo":
-        dpo = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid")
+        dpo = cls(ignore_index=IGNORE_INDEX, beta=DPO_BETA, use_ref_model=True, loss_type="sigmoid")
 
         def f(hidden, weight, labels, ref_hidden, ref_weight):
             out = dpo(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
             return out[0] if isinstance(out, tuple) else out
     else:
-        jsd = LigerFusedLinearJSDLoss(
+        jsd = cls(
             weight_hard_loss=0.0, weight_soft_loss=1.0, beta=JSD_BETA, ignore_index=IGNORE_INDEX
         )
 
@@ -348,10 +533,13 @@ def _liger_fn(workload: str, device: torch.device) -> Callable:
 def _cce_fn(workload: str, device: torch.device) -> Callable:
     if workload == "jsd":
         raise Skip("cut-cross-entropy computes cross-entropy only (no teacher distribution / divergence)")
-    try:
+
+    def load():
         from cut_cross_entropy import linear_cross_entropy
-    except Exception as exc:
-        raise Skip(f"cut-cross-entropy not importable ({type(exc).__name__}: {exc})") from exc
+
+        return linear_cross_entropy
+
+    linear_cross_entropy = _import_optional("cce", load)
     impl = "cce" if device.type == "cuda" else "torch_compile"
 
     def token_logps(h, w, y):
@@ -380,16 +568,20 @@ def _cce_fn(workload: str, device: torch.device) -> Callable:
 
 
 def _trl_fn(workload: str, device: torch.device) -> Callable:
-    try:
+
+    def load():
         import trl
+
+        version = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in trl.__version__.split(".")[:2])
+        if version < (1, 16):
+            raise ImportError(f"TRL's fused LM head needs trl >= 1.16, found {trl.__version__}")
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except Exception as exc:  # not installed, too old, or a broken install
-        raise Skip(f"TRL's fused LM head not importable ({type(exc).__name__}: {exc}); needs trl >= 1.16") from exc
-    version = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in trl.__version__.split(".")[:2])
-    if version < (1, 16):
-        raise Skip(f"TRL's fused LM head needs trl >= 1.16, found {trl.__version__}")
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        return ChunkedDivergenceFunction, ChunkedLogProbFunction, _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    ChunkedDivergenceFunction, ChunkedLogProbFunction, chunk = _import_optional("trl", load)
     compact = device.type == "cuda"  # TRL scores only the labelled rows where its Triton fold runs
 
     def token_logps(h, w, y):
@@ -480,11 +672,14 @@ def provider_skip_reason(workload: str, provider: str, device: torch.device) -> 
     reason = workload_skip_reason(workload)
     if reason is not None:
         return reason
+    if provider == "floor":
+        return None
     if provider.startswith("fastpref-"):
         backend = provider[len("fastpref-") :]
         if backend == "triton" and device.type != "cuda":
             return "Triton kernels need a CUDA device (the CPU interpreter checks numerics; it is not timed)"
-        reasons = fastpref.available_backends(device)
+        with quiet_import():  # probing the Triton / CUDA backends imports triton
+            reasons = fastpref.available_backends(device)
         if backend not in reasons:
             return f"unknown fastpref backend {backend!r}"
         return reasons[backend]
@@ -504,6 +699,8 @@ def loss_fn(workload: str, provider: str, device: torch.device) -> Callable:
     reason = provider_skip_reason(workload, provider, device)
     if reason is not None:
         raise Skip(reason)
+    if provider == "floor":
+        return _floor_fn(workload)
     if provider == "naive":
         return NAIVE[workload]
     if provider == "compiled":
