@@ -451,3 +451,17 @@ def test_single_case_sweep_draws_floors_as_horizontal_lines():
         assert ax_t.get_legend() is not None and ax_m.get_legend() is not None
     finally:
         plt.close(fig)
+
+
+def test_shapes_option_replaces_the_sweep_and_rejects_bad_items():
+    from fastpref.bench.cases import parse_shapes, sweeps_for, unique_cases
+
+    shapes = parse_shapes("1024x1024x65536, 512X2048x32000")
+    assert shapes == [(1024, 1024, 65536), (512, 2048, 32000)]
+    cases = unique_cases(sweeps_for("cpu", workloads=["logprobs", "jsd"], shapes=shapes))
+    assert [(c.workload, c.N, c.D, c.V, c.dtype) for c in cases] == [
+        ("logprobs", 1024, 1024, 65536, "float32"), ("logprobs", 512, 2048, 32000, "float32"),
+        ("jsd", 1024, 1024, 65536, "float32"), ("jsd", 512, 2048, 32000, "float32")]
+    for bad in ("10x3", "0x4x5", "axbxc", ""):
+        with pytest.raises(ValueError, match="--shapes"):
+            parse_shapes(bad)

@@ -29,7 +29,7 @@ import torch
 import fastpref
 
 from . import report, runner, workloads
-from .cases import WORKLOAD_TITLES, WORKLOADS, sweeps_for, unique_cases
+from .cases import WORKLOAD_TITLES, WORKLOADS, parse_shapes, sweeps_for, unique_cases
 
 
 def _version(dist: str) -> Optional[str]:
@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="each (case, provider) in a fresh process (default, except with --quick)",
     )
     iso.add_argument("--in-process", dest="isolate", action="store_false", help="run everything in this process")
+    p.add_argument("--shapes", help="comma list of NxDxV (N rows, hidden D, vocabulary V) instead of the "
+                   "device's sweep, e.g. 1024x1024x65536,512x2048x32000 (CPU fp32, GPU bf16)")
     p.add_argument("--list", action="store_true", help="print the planned cases and exit")
     p.add_argument("--distributed", action="store_true",
                    help="instead: a split LM head over 1, 2, 4 ranks (memory, bytes communicated, time per rank; "
@@ -125,7 +127,11 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
-    sweeps = sweeps_for(device.type, quick=args.quick, workloads=wl)
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    sweeps = sweeps_for(device.type, quick=args.quick, workloads=wl, shapes=shapes)
     cases = unique_cases(sweeps)
     plan = [(c, p) for c in cases for p in providers]
     if args.list:

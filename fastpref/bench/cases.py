@@ -150,9 +150,30 @@ def gpu_sweeps() -> List[Sweep]:
     ]
 
 
-def sweeps_for(device_type: str, quick: bool = False, workloads: Optional[List[str]] = None) -> List[Sweep]:
-    """The sweeps to run on a device type ("cpu" or "cuda"), optionally only some workloads."""
-    sweeps = quick_sweeps() if quick else (gpu_sweeps() if device_type == "cuda" else cpu_sweeps())
+def parse_shapes(text: str) -> List[tuple]:
+    """``"1024x1024x65536,2048x512x128256"`` -> ``[(N, D, V), ...]`` (N rows = B·T with B = 1)."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected NxDxV items such as 1024x1024x65536, got {item.strip()!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def shape_sweeps(shapes: List[tuple], dtype: str) -> List[Sweep]:
+    """One single-case sweep per (workload, N x D x V): the shapes a user asked for, every workload."""
+    return [_t_sweep(w, (n,), B=1, D=d, V=v, dtype=dtype) for w in WORKLOADS for n, d, v in shapes]
+
+
+def sweeps_for(device_type: str, quick: bool = False, workloads: Optional[List[str]] = None,
+               shapes: Optional[List[tuple]] = None) -> List[Sweep]:
+    """The sweeps to run on a device type ("cpu" or "cuda"), optionally only some workloads; ``shapes``
+    (``[(N, D, V)]``) replaces the device's sweep."""
+    if shapes:
+        sweeps = shape_sweeps(shapes, "bfloat16" if device_type == "cuda" else "float32")
+    else:
+        sweeps = quick_sweeps() if quick else (gpu_sweeps() if device_type == "cuda" else cpu_sweeps())
     if workloads is not None:
         sweeps = [s for s in sweeps if s.workload in workloads]
     return sweeps
