@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import contract as C
-from .tiling import GradAccumulator, cache_shape, plan_cache, plan_tiles, ranges
+from .tiling import GradAccumulator, partial_cache_shape, plan_partial_cache, plan_tiles, ranges
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -113,7 +113,7 @@ def _tiles(n: int, vocab: int, cache_cols: int, heads: int, elem: int, acc_dim: 
 
 
 def logprobs_cache_shape(n: int, vocab: int, dtype: torch.dtype, opts: C.LogprobsOptions) -> tuple[int, ...]:
-    return cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4) if opts.cache else (0,)
+    return partial_cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4) if opts.cache else (0,)
 
 
 def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
@@ -121,7 +121,7 @@ def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
     n, vocab, cdt = hidden.shape[0], weight.shape[0], _compute_dtype(hidden)
     elem = _elem_bytes(hidden)
     head = _Heads(hidden, weight, bias, opts.transform)
-    cache_cols = plan_cache(n, vocab, elem_bytes=elem) if opts.cache else 0
+    cache_cols, kept = plan_partial_cache(n, vocab, elem_bytes=elem) if opts.cache else (0, 0)
     cache = hidden.new_empty(logprobs_cache_shape(n, vocab, hidden.dtype, opts), dtype=cdt)
     rows, cols = _tiles(n, vocab, cache_cols, 1, elem)
     stats = C.empty_logprobs_stats(n, hidden.new_empty(0, dtype=cdt))
@@ -129,10 +129,10 @@ def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
     for r0, r1 in ranges(n, rows):
         st = stats[:, r0:r1]
         for k, (c0, c1) in enumerate(ranges(vocab, cols)):
-            out = cache[0, k, :, : c1 - c0] if cache_cols else scratch(0, r1 - r0, c1 - c0)
+            keep = k < kept  # the first chunks stay for the backward, the rest is recomputed there
+            out = cache[0, k, :, : c1 - c0] if keep else scratch(0, r1 - r0, c1 - c0)
             z = head.tile(r0, r1, c0, c1, cdt, out)
-            _fold_logprobs_tile(st, z, labels[r0:r1] - (opts.vocab_start + c0), opts, scratch,
-                                in_place=not cache_cols)
+            _fold_logprobs_tile(st, z, labels[r0:r1] - (opts.vocab_start + c0), opts, scratch, in_place=not keep)
     return stats, cache
 
 
@@ -174,8 +174,8 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
     """``dz = g (onehot - p) - g_ent p (log p + H)``, chained through the transform, then two GEMMs."""
     n, vocab, dim, cdt = hidden.shape[0], weight.shape[0], hidden.shape[1], _compute_dtype(hidden)
     low_w = weight.dtype != cdt
-    cached = cache.numel() > 0
-    rows, cols = (n, cache.shape[3]) if cached else _tiles(n, vocab, 0, 1, _elem_bytes(hidden),
+    kept = cache.shape[1] if cache.numel() else 0  # chunks the forward kept (all rows, ``cols`` wide)
+    rows, cols = (n, cache.shape[3]) if kept else _tiles(n, vocab, 0, 1, _elem_bytes(hidden),
                                                              dim if (low_w and need_weight) else 0)
     acc = GradAccumulator(hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias and bias is not None, chunks=-(-vocab // cols), rows=rows, cols=cols)
@@ -193,7 +193,7 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
         acc.begin_chunk(c0, c1)
         for r0, r1 in ranges(n, rows):
             r, c = r1 - r0, c1 - c0
-            z = cache[0, k, :, :c] if cached else head.tile(r0, r1, c0, c1, cdt, scratch(0, r, c))
+            z = cache[0, k, :, :c] if k < kept else head.tile(r0, r1, c0, c1, cdt, scratch(0, r, c))
             # dz = g (onehot - p) - ge p (log p + H) = -p (g + ge (log p + H)) + g onehot
             dz = torch.sub(z, lse[r0:r1].unsqueeze(1), out=scratch(1, r, c))  # log p
             gr = g[r0:r1].unsqueeze(1)
@@ -226,7 +226,7 @@ def _log_mixture(pt: torch.Tensor, ps: torch.Tensor, beta: float, out: torch.Ten
 def divergence_cache_shape(n: int, vocab: int, dtype: torch.dtype, opts: C.DivergenceOptions) -> tuple[int, ...]:
     if not opts.cache:
         return (0,)
-    return cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4, heads=2)
+    return partial_cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4, heads=2)
 
 
 def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts: C.DivergenceOptions):
@@ -241,7 +241,8 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
     elem = _elem_bytes(s_hidden)
     s = _Heads(s_hidden, s_weight, s_bias, opts.student)
     t = _Heads(t_hidden, t_weight, t_bias, opts.teacher)
-    cache_cols = plan_cache(n, vocab, elem_bytes=elem, heads=2) if (opts.cache and lse_st is None) else 0
+    cache_cols, kept = plan_partial_cache(n, vocab, elem_bytes=elem, heads=2) if (opts.cache and lse_st is None) \
+        else (0, 0)
     cache = s_hidden.new_empty(divergence_cache_shape(n, vocab, s_hidden.dtype, opts) if cache_cols else (0,),
                                dtype=cdt)
     rows, cols = _tiles(n, vocab, cache_cols, 2, elem)
@@ -249,10 +250,11 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
     scratch = _Scratch(rows, cols, s_hidden, cdt)
 
     def tiles(r0, r1, c0, c1, k, fill):
-        if cache_cols and not fill:
+        """Chunk ``k``'s two tiles: read from the cache, or computed (into the cache when it keeps them)."""
+        if k < kept and not fill:
             return cache[0, k, :, : c1 - c0], cache[1, k, :, : c1 - c0]
         r, c = r1 - r0, c1 - c0
-        outs = (cache[0, k, :, :c], cache[1, k, :, :c]) if cache_cols else (scratch(0, r, c), scratch(1, r, c))
+        outs = (cache[0, k, :, :c], cache[1, k, :, :c]) if k < kept else (scratch(0, r, c), scratch(1, r, c))
         return s.tile(r0, r1, c0, c1, cdt, outs[0]), t.tile(r0, r1, c0, c1, cdt, outs[1])
 
     jsd_here = opts.kind == C.Kind.JSD and (lse_st is not None or C.covers_vocabulary(opts, vocab))
@@ -261,7 +263,7 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
         if lse_st is None:
             for k, (c0, c1) in enumerate(ranges(vocab, cols)):
                 zs, zt = tiles(r0, r1, c0, c1, k, fill=True)
-                _fold_divergence_tile(st, zs, zt, opts, scratch, in_place=not cache_cols)
+                _fold_divergence_tile(st, zs, zt, opts, scratch, in_place=k >= kept)
         if jsd_here:
             lse = C.divergence_lse(st) if lse_st is None else lse_st[r0:r1].to(cdt)
             for k, (c0, c1) in enumerate(ranges(vocab, cols)):
@@ -313,8 +315,8 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
     """
     n, vocab, dim, cdt = s_hidden.shape[0], s_weight.shape[0], s_hidden.shape[1], _compute_dtype(s_hidden)
     low_w = s_weight.dtype != cdt
-    cached = cache.numel() > 0
-    rows, cols = (n, cache.shape[3]) if cached else _tiles(n, vocab, 0, 2, _elem_bytes(s_hidden),
+    kept = cache.shape[1] if cache.numel() else 0
+    rows, cols = (n, cache.shape[3]) if kept else _tiles(n, vocab, 0, 2, _elem_bytes(s_hidden),
                                                              dim if (low_w and need_weight) else 0)
     acc = GradAccumulator(s_hidden, s_weight, s_bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias and s_bias is not None, chunks=-(-vocab // cols), rows=rows,
@@ -332,7 +334,7 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
         acc.begin_chunk(c0, c1)
         for r0, r1 in ranges(n, rows):
             r, c = r1 - r0, c1 - c0
-            if cached:
+            if k < kept:
                 zs, zt = cache[0, k, :, :c], cache[1, k, :, :c]
             else:
                 zs, zt = s.tile(r0, r1, c0, c1, cdt, scratch(0, r, c)), t.tile(r0, r1, c0, c1, cdt, scratch(1, r, c))
