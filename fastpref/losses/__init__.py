@@ -1,5 +1,6 @@
-"""Public losses (SPEC §4, §7): small formulas on the fused primitives, each with an
-``nn.Module`` twin whose constructor takes the same keyword options (same defaults)."""
+"""Public losses (docs/design.md §8; their table is in the README's "Use" section): small formulas on
+the fused primitives, each with an ``nn.Module`` twin whose constructor takes the same keyword options
+(same defaults)."""
 
 from __future__ import annotations
 
