@@ -261,3 +261,44 @@ def test_divergence_matches_oracle(backend, gen, narrow_tiles, dtype, kind, beta
     if labels is not None:
         ignored_rows = labels == -100
         assert torch.all(div[ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
+
+
+# --------------------------------------------------------------------------- frozen heads
+
+
+def test_logprobs_frozen_head_gets_no_gradient(backend, gen):
+    """A head without ``requires_grad``: no gradient for it, and ``d hidden`` by the accuracy rule."""
+    name, device = backend
+    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float64, bias=True, gen=gen)
+    labels = make_labels(96, 1000, ignored=0.2, gen=gen)
+    g = torch.randn(96, generator=gen)
+    d_hidden = {}
+    for key, fn, dtype, dev, extra in (
+        ("backend", fastpref.linear_logprobs, torch.float32, device, dict(backend=name)),
+        ("naive", reference.linear_logprobs, torch.float32, "cpu", dict(precision="native")),
+        ("truth", reference.linear_logprobs, torch.float64, "cpu", {}),
+    ):
+        h, w, b = _leaf(h0, dtype, dev), _leaf(w0, dtype, dev, False), _leaf(b0, dtype, dev, False)
+        (fn(h, w, labels.to(dev), b, **extra) * g.to(device=dev, dtype=dtype)).sum().backward()
+        assert w.grad is None and b.grad is None
+        d_hidden[key] = h.grad.cpu()
+    assert_accurate("d_hidden", d_hidden["backend"], d_hidden["naive"], d_hidden["truth"], torch.float32)
+
+
+def test_divergence_frozen_student_head(backend, gen):
+    name, device = backend
+    hs0, ws0, _ = make_head(96, 37, 1000, dtype=torch.float64, gen=gen)
+    ht0, wt0, _ = make_head(96, 50, 1000, dtype=torch.float64, gen=gen)
+    g = torch.randn(96, generator=gen)
+    d_hidden = {}
+    for key, fn, dtype, dev, extra in (
+        ("backend", fastpref.linear_divergence, torch.float32, device, dict(backend=name)),
+        ("naive", reference.linear_divergence, torch.float32, "cpu", dict(precision="native")),
+        ("truth", reference.linear_divergence, torch.float64, "cpu", {}),
+    ):
+        h, w = _leaf(hs0, dtype, dev), _leaf(ws0, dtype, dev, False)
+        ht, wt = ht0.to(device=dev, dtype=dtype), wt0.to(device=dev, dtype=dtype)
+        (fn(h, w, ht, wt, kind="reverse_kl", **extra) * g.to(device=dev, dtype=dtype)).sum().backward()
+        assert w.grad is None
+        d_hidden[key] = h.grad.cpu()
+    assert_accurate("d_hidden", d_hidden["backend"], d_hidden["naive"], d_hidden["truth"], torch.float32)

@@ -1,7 +1,7 @@
 """Triton backend under the interpreter (CPU), beyond the oracle cases every backend shares
 (tests/test_oracle.py: every output and gradient against the fp64 oracle on both backward paths):
 vocabulary slices merged by ``contract.merge_logprobs``, ``is_top1`` on exact ties, the logits cache
-``[heads, N, V]`` against the logits, frozen heads, bad labels, invariants, and the four registered ops
+``[heads, N, V]`` against the logits, all rows ignored, bad labels, invariants, and the four registered ops
 under ``opcheck`` (fake cache shapes included).
 
 Shapes are small and odd on purpose (V = 123, 300 and 1000, D = 37, N = 96: partial row, vocabulary and
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
 import torch  # noqa: E402
-from conftest import assert_accurate, make_head, make_labels, settings  # noqa: E402
+from conftest import make_head, make_labels, settings  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref import reference  # noqa: E402
@@ -174,21 +174,6 @@ def test_logprobs_all_ignored_gives_zeros(gen, dtype):
         assert t.grad is not None and torch.all(t.grad == 0)
 
 
-def test_logprobs_frozen_head_gets_no_gradient(gen):
-    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float64, bias=True, gen=gen)
-    labels = make_labels(96, 1000, ignored=0.2, gen=gen)
-    g = torch.randn(96, generator=gen)
-    hs = {}
-    for key, fn, dtype, extra in (("triton", fastpref.linear_logprobs, torch.float32, dict(backend="triton")),
-                                  ("naive", reference.linear_logprobs, torch.float32, dict(precision="native")),
-                                  ("truth", reference.linear_logprobs, torch.float64, {})):
-        h, w, b = _leaf(h0, dtype), _leaf(w0, dtype, False), _leaf(b0, dtype, False)
-        (fn(h, w, labels, b, **extra) * g.to(dtype)).sum().backward()
-        assert w.grad is None and b.grad is None
-        hs[key] = h.grad
-    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
-
-
 def test_logprobs_bad_label_is_nan_not_oob(gen):
     """Labels outside [0, V) (validation bypassed: the unchecked internal call) give NaN, never a stray read."""
     h0, w0, _ = make_head(80, 37, 123, dtype=torch.float32, gen=gen)
@@ -214,15 +199,6 @@ def test_logprobs_shift_invariance(gen):
     keep = labels != -100
     assert ((b.mean_logits - a.mean_logits)[keep] - 3.0).abs().max() < 1e-5
     assert torch.equal(a.is_top1, b.is_top1)
-
-
-def test_logprobs_fp64_inputs_give_fp64(gen):
-    """float64 inputs are routed to the torch backend (the kernels accumulate in fp32)."""
-    h0, w0, b0 = make_head(96, 37, 123, dtype=torch.float64, bias=True, gen=gen)
-    labels = make_labels(96, 123, ignored=0.2, gen=gen)
-    lp = fastpref.linear_logprobs(_leaf(h0, torch.float64), w0, labels, b0, backend="triton")
-    assert lp.dtype == torch.float64
-    assert (lp - reference.linear_logprobs(h0, w0, labels, b0)).abs().max() < 1e-12
 
 
 # --------------------------------------------------------------------------- linear_divergence
@@ -269,21 +245,6 @@ def test_divergence_identical_heads_is_zero(gen, kind):
     assert div.abs().max() < 1e-5
     for t in (h, w, b):
         assert t.grad.abs().max() < 1e-5
-
-
-def test_divergence_frozen_student_head(gen):
-    hs0, ws0, _ = make_head(96, 37, 1000, dtype=torch.float64, gen=gen)
-    ht0, wt0, _ = make_head(96, 50, 1000, dtype=torch.float64, gen=gen)
-    g = torch.randn(96, generator=gen)
-    hs = {}
-    for key, fn, dtype, extra in (("triton", fastpref.linear_divergence, torch.float32, dict(backend="triton")),
-                                  ("naive", reference.linear_divergence, torch.float32, dict(precision="native")),
-                                  ("truth", reference.linear_divergence, torch.float64, {})):
-        h, w = _leaf(hs0, dtype), _leaf(ws0, dtype, False)
-        (fn(h, w, ht0.to(dtype), wt0.to(dtype), kind="reverse_kl", **extra) * g.to(dtype)).sum().backward()
-        assert w.grad is None
-        hs[key] = h.grad
-    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
 
 
 # --------------------------------------------------------------------------- precision and registered ops
