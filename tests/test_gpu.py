@@ -13,13 +13,12 @@ cases run both backward paths: logits kept from the forward (they fit the worksp
 recomputed.
 """
 
-import contextlib
 import math
 import os
 
 import pytest
 import torch
-from conftest import assert_accurate
+from conftest import assert_accurate, seeded_generator, settings
 
 import fastpref
 from fastpref import reference
@@ -49,24 +48,8 @@ def _no_interpreter():
 
 @pytest.fixture
 def gen(request):
-    """A CUDA generator seeded from the test id (as conftest's CPU ``gen``)."""
-    import zlib
-
-    return torch.Generator(device=DEV).manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def _check(name, out, naive, truth, dtype):
-    assert_accurate(name, out.detach(), naive.detach(), truth.detach(), dtype)
-
-
-@contextlib.contextmanager
-def keep_logits(enabled: bool):
-    old = fastpref.get_keep_logits()
-    fastpref.set_keep_logits(enabled)
-    try:
-        yield
-    finally:
-        fastpref.set_keep_logits(old)
+    """A CUDA generator seeded from the test id (conftest's ``gen`` is a CPU one)."""
+    return seeded_generator(request, DEV)
 
 
 def _leaf(t, dtype):
@@ -137,7 +120,7 @@ def test_logprobs_llama3_bf16(gen, shape):
     naive = _chunked_reference(h, w, labels, g_logp, g_ent, native=True)
     print()
     for name, a, nv, tv in zip(("logp", "entropy", "d_hidden", "d_weight"), got, naive, truth):
-        _check(name, a, nv, tv, torch.bfloat16)
+        assert_accurate(name, a, nv, tv, torch.bfloat16)
 
 
 LOGPROBS_CASES = [  # id, dtype, V, bias, temperature, softcap, logit_scale, keep the logits?
@@ -174,16 +157,16 @@ def test_logprobs_vs_fp64_oracle(gen, dtype, vocab, bias, temperature, softcap, 
         (out["logp"].double() * g_logp.double() + out["entropy"].double() * g_ent.double()).sum().backward()
         return out, [h.grad, w.grad] + ([b.grad] if b is not None else [])
 
-    with keep_logits(keep):
+    with settings(keep_logits=keep):
         got, got_g = run(fastpref.linear_logprobs, dtype, backend="triton")
     naive, naive_g = run(reference.linear_logprobs, dtype, precision="native")
     truth, truth_g = run(reference.linear_logprobs, torch.float64, precision="fp64")
     print()
     for name in ("logp", "entropy", "log_sum_sq_probs", "mean_logits"):
-        _check(name, got[name], naive[name], truth[name], dtype)
+        assert_accurate(name, got[name], naive[name], truth[name], dtype)
     assert torch.equal(got["is_top1"], truth["is_top1"]) and truth["is_top1"].any()
     for name, a, nv, tv in zip(("d_hidden", "d_weight", "d_bias"), got_g, naive_g, truth_g):
-        _check(name, a, nv, tv, dtype)
+        assert_accurate(name, a, nv, tv, dtype)
 
 
 DIVERGENCE_CASES = [  # (dtype, kind, beta, keep the logits?): each kind on both paths across the dtypes
@@ -212,13 +195,13 @@ def test_divergence_vs_fp64_oracle(gen, kind, beta, dtype, keep):
         (div.double() * g.double()).sum().backward()
         return div, ent, hs.grad, w.grad, b.grad
 
-    with keep_logits(keep):
+    with settings(keep_logits=keep):
         got = run(fastpref.linear_divergence, dtype, backend="triton")
     naive = run(reference.linear_divergence, dtype, precision="native")
     truth = run(reference.linear_divergence, torch.float64, precision="fp64")
     print()
     for name, a, nv, tv in zip((kind, "entropy", "d_hidden", "d_weight", "d_bias"), got, naive, truth):
-        _check(name, a, nv, tv, dtype)
+        assert_accurate(name, a, nv, tv, dtype)
 
 
 def test_fp32_follows_pytorchs_tf32_setting(gen):
@@ -251,7 +234,7 @@ def test_fp32_follows_pytorchs_tf32_setting(gen):
     print()
     names = ("logp", "d_hidden", "d_weight")
     for i, name in enumerate(names):
-        _check(name, runs[False][0][i], runs[False][1][i], truth[i], torch.float32)
+        assert_accurate(name, runs[False][0][i], runs[False][1][i], truth[i], torch.float32)
     moved = (runs[True][0][0] - runs[False][0][0]).abs().max().item()
     assert moved > 1e-5, f"TF32 on changed the log-probs by only {moved:.1e}: the fp32 tiles ignore the setting"
     for i, name in enumerate(names):

@@ -1,13 +1,13 @@
-"""Triton backend under the interpreter (CPU): every output of the contract against the fp64 oracle by
-the accuracy rule (tests/conftest.py), both backward paths (logits kept from the forward / recomputed),
-vocabulary slices merged by ``contract.merge_logprobs``, ``is_top1`` on exact ties, and the four
-registered ops under ``opcheck`` (fake cache shapes included).
+"""Triton backend under the interpreter (CPU), beyond the oracle cases every backend shares
+(tests/test_oracle.py: every output and gradient against the fp64 oracle on both backward paths):
+vocabulary slices merged by ``contract.merge_logprobs``, ``is_top1`` on exact ties, the logits cache
+``[heads, N, V]`` against the logits, all rows ignored, bad labels, invariants, and the four registered ops
+under ``opcheck`` (fake cache shapes included).
 
 Shapes are small and odd on purpose (V = 123, 300 and 1000, D = 37, N = 96: partial row, vocabulary and
-D tiles; two vocabulary splits per forward; several ``dz`` chunks where the workspace is shrunk).
+D tiles; two vocabulary splits per forward).
 """
 
-import contextlib
 import os
 from dataclasses import replace
 
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
 import torch  # noqa: E402
-from conftest import assert_accurate, make_head, make_labels  # noqa: E402
+from conftest import make_head, make_labels, settings  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref import reference  # noqa: E402
@@ -53,19 +53,6 @@ ALL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 GRAD_NAMES = ("d_hidden", "d_weight", "d_bias")
 
 
-@contextlib.contextmanager
-def settings(workspace=None, keep_logits=True):
-    """The workspace budget and the logits cache switch for one block; restored afterwards."""
-    old = fastpref.get_workspace_bytes(), fastpref.get_keep_logits()
-    fastpref.set_workspace_bytes(workspace or old[0])
-    fastpref.set_keep_logits(keep_logits)
-    try:
-        yield
-    finally:
-        fastpref.set_workspace_bytes(old[0])
-        fastpref.set_keep_logits(old[1])
-
-
 def _leaf(t, dtype, requires_grad=True):
     return None if t is None else t.detach().to(dtype).clone().requires_grad_(requires_grad)
 
@@ -82,92 +69,6 @@ def _argmax_labels(labels, h, w, b, gen, share=0.3, **transform):
 
 
 # --------------------------------------------------------------------------- linear_logprobs
-
-LOGPROBS_CASES = [
-    # id, dtype, V, ignored, bias, temperature, softcap, logit_scale, outputs, backward path (PATHS)
-    ("fp32-V123-all-outputs", torch.float32, 123, 0.2, False, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
-    ("fp32-V1000-bias-T0.7-scale1.5", torch.float32, 1000, 0.2, True, 0.7, None, 1.5, ALL_OUTPUTS, "recompute"),
-    ("fp32-V1000-softcap5-logp-only", torch.float32, 1000, 0.0, False, 1.0, 5.0, 2.0, (), "cache"),
-    ("fp32-V1000-bias-softcap", torch.float32, 1000, 0.2, True, 1.3, 4.0, 0.8, ALL_OUTPUTS, "recompute-chunks"),
-    ("fp32-V1000-entropy", torch.float32, 1000, 0.2, True, 1.0, None, 1.0, ("entropy",), "cache-chunks"),
-    ("bf16-V1000-bias", torch.bfloat16, 1000, 0.2, True, 1.0, None, 1.0, ALL_OUTPUTS, "cache"),
-    ("bf16-V123-softcap-T2", torch.bfloat16, 123, 0.2, False, 2.0, 3.0, 2.0, ALL_OUTPUTS, "recompute"),
-    ("fp16-V1000-bias", torch.float16, 1000, 0.2, True, 1.0, None, 1.0, ("entropy", "is_top1"), "cache-chunks"),
-]
-# Backward paths: logits kept from the forward or recomputed, in one dz chunk or several.  Vocabulary
-# tiles of >= 64 columns in the planner (``narrow_tiles``) let a small budget keep the logits of
-# N=96, V=1000 (all rows in one tile) while the dz workspace beside them takes several chunks.
-PATHS = {  # path -> (workspace bytes per head count, keep_logits, logits kept?, several dz chunks?)
-    "cache": ({1: None, 2: None}, True, True, False),
-    "recompute": ({1: None, 2: None}, False, False, False),
-    "recompute-chunks": ({1: 65536, 2: 65536}, True, False, True),
-    "cache-chunks": ({1: 640 * 1024, 2: 1024 * 1024}, True, True, True),
-}
-
-
-@pytest.fixture
-def narrow_tiles(monkeypatch):
-    from fastpref.backends import tiling
-
-    monkeypatch.setattr(tiling, "_MIN_TILE_COLS", 64)
-
-
-def _path(path, n, vocab, d, dtype, heads, family):
-    """The settings of a backward path, after checking that they give that path."""
-    ws, keep, cached, chunked = PATHS[path]
-    with settings(ws[heads], keep):
-        planes = _tiles.cache_planes(n, vocab, heads, keep)
-        cfg = _tiles.tile_config(family, torch.device("cpu"), (d,), dtype)
-        cols = _tiles.dz_chunk_columns(n, vocab, dtype.itemsize, cfg.block_v, bool(planes))
-    assert bool(planes) == cached and (cols < vocab) == chunked, f"{path}: planes {planes}, dz chunk {cols}/{vocab}"
-    return settings(ws[heads], keep)
-
-
-@pytest.mark.parametrize(
-    "dtype,vocab,ignored,bias,temperature,softcap,scale,outputs,path",
-    [c[1:] for c in LOGPROBS_CASES], ids=[f"{c[0]}-{c[-1]}" for c in LOGPROBS_CASES],
-)
-def test_logprobs_matches_oracle(gen, narrow_tiles, dtype, vocab, ignored, bias, temperature, softcap, scale, outputs,
-                                 path):
-    n, d = 96, 37
-    h0, w0, b0 = make_head(n, d, vocab, dtype=torch.float64, bias=bias, gen=gen)
-    transform = dict(temperature=temperature, softcap=softcap, logit_scale=scale)
-    labels = _argmax_labels(make_labels(n, vocab, ignored=ignored, gen=gen), h0, w0, b0, gen, **transform)
-    g_logp = torch.randn(n, generator=gen, dtype=torch.float64)
-    g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
-    with_entropy = "entropy" in outputs
-
-    def run(fn, cast_dtype, **extra):
-        h, w, b = _leaf(h0, cast_dtype), _leaf(w0, cast_dtype), _leaf(b0, cast_dtype)
-        out = fn(h, w, labels, b, **transform, outputs=outputs, **extra)
-        out = dict(out._asdict()) if isinstance(out, tuple) else (out if isinstance(out, dict) else {"logp": out})
-        loss = (out["logp"].double() * g_logp).sum()
-        if with_entropy:
-            loss = loss + (out["entropy"].double() * g_ent).sum()
-        loss.backward()
-        return out, _grads([h, w, b])
-
-    with _path(path, n, vocab, d, dtype, 1, "logprobs_bwd"):
-        got, grads = run(fastpref.linear_logprobs, dtype, backend="triton")
-    naive, n_grads = run(reference.linear_logprobs, dtype, precision="native")
-    truth, t_grads = run(reference.linear_logprobs, torch.float64, precision="fp64")
-    print()
-    assert got["logp"].dtype == torch.float32 and got["logp"].shape == (n,)
-    for name in ("logp",) + tuple(o for o in outputs if o != "is_top1"):
-        assert_accurate(name, got[name], naive[name], truth[name], dtype)
-    if "is_top1" in outputs:
-        assert got["is_top1"].dtype == torch.bool
-        assert torch.equal(got["is_top1"], truth["is_top1"]), "is_top1 differs from the fp64 oracle"
-        assert truth["is_top1"].any(), "the case has no row whose label is the argmax"
-    for name, got_g, naive_g, truth_g in zip(GRAD_NAMES, grads, n_grads, t_grads):
-        if truth_g is None:
-            assert got_g is None
-            continue
-        assert got_g.dtype == dtype
-        assert_accurate(name, got_g, naive_g, truth_g, dtype)
-    ignored_rows = labels == -100
-    assert torch.all(got["logp"][ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
-
 
 def test_is_top1_is_the_first_argmax_on_exact_ties(gen):
     """Integer logits (exact in fp32 whatever the summation order) with many ties, on both vocabulary
@@ -249,7 +150,7 @@ def test_logprobs_cache_is_the_logits_and_gives_the_same_gradients(gen):
     with settings(keep_logits=False):
         stats_r, none = torch.ops.fastpref.logprobs_fwd(*args)
         assert none.numel() == 0
-    with settings(workspace=2**16):  # 96 x 300 fp32 logits do not fit three quarters of 64 KiB
+    with settings(workspace=2**16, keep_logits=True):  # 96 x 300 fp32 logits do not fit three quarters of 64 KiB
         assert torch.ops.fastpref.logprobs_fwd(*args)[1].numel() == 0
     torch.testing.assert_close(stats, stats_r, rtol=0, atol=0)
     rows = finish_logprobs(stats, labels, opts)
@@ -271,21 +172,6 @@ def test_logprobs_all_ignored_gives_zeros(gen, dtype):
     assert torch.all(lp == 0) and torch.all(ent == 0)
     for t in (h, w, b):
         assert t.grad is not None and torch.all(t.grad == 0)
-
-
-def test_logprobs_frozen_head_gets_no_gradient(gen):
-    h0, w0, b0 = make_head(96, 37, 1000, dtype=torch.float64, bias=True, gen=gen)
-    labels = make_labels(96, 1000, ignored=0.2, gen=gen)
-    g = torch.randn(96, generator=gen)
-    hs = {}
-    for key, fn, dtype, extra in (("triton", fastpref.linear_logprobs, torch.float32, dict(backend="triton")),
-                                  ("naive", reference.linear_logprobs, torch.float32, dict(precision="native")),
-                                  ("truth", reference.linear_logprobs, torch.float64, {})):
-        h, w, b = _leaf(h0, dtype), _leaf(w0, dtype, False), _leaf(b0, dtype, False)
-        (fn(h, w, labels, b, **extra) * g.to(dtype)).sum().backward()
-        assert w.grad is None and b.grad is None
-        hs[key] = h.grad
-    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
 
 
 def test_logprobs_bad_label_is_nan_not_oob(gen):
@@ -315,83 +201,7 @@ def test_logprobs_shift_invariance(gen):
     assert torch.equal(a.is_top1, b.is_top1)
 
 
-def test_logprobs_fp64_inputs_give_fp64(gen):
-    """float64 inputs are routed to the torch backend (the kernels accumulate in fp32)."""
-    h0, w0, b0 = make_head(96, 37, 123, dtype=torch.float64, bias=True, gen=gen)
-    labels = make_labels(96, 123, ignored=0.2, gen=gen)
-    lp = fastpref.linear_logprobs(_leaf(h0, torch.float64), w0, labels, b0, backend="triton")
-    assert lp.dtype == torch.float64
-    assert (lp - reference.linear_logprobs(h0, w0, labels, b0)).abs().max() < 1e-12
-
-
 # --------------------------------------------------------------------------- linear_divergence
-
-DIVERGENCE_CASES = [
-    # id, dtype, kind, beta, V, ignored, biases, temperature, (s_softcap, t_softcap), (s_scale, t_scale),
-    # labels?, entropy?, backward path (PATHS)
-    ("fkl-fp32-V123-ign20-entropy", torch.float32, "forward_kl", 0.5, 123, 0.2, False, 1.0, (None, None),
-     (1.0, 1.0), True, True, "cache"),
-    ("rkl-fp32-V1000-bias-T0.8-scales", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 0.8, (None, None),
-     (1.3, 0.7), True, True, "recompute"),
-    ("jsd0.3-fp32-V1000-bias", torch.float32, "jsd", 0.3, 1000, 0.2, True, 1.0, (None, None), (1.0, 1.5),
-     True, False, "cache-chunks"),
-    ("jsd0.5-fp32-V123-softcaps-nolabels", torch.float32, "jsd", 0.5, 123, 0.0, False, 1.0, (4.0, 6.0),
-     (2.0, 1.0), False, True, "recompute"),
-    ("rkl-fp32-V1000-softcap", torch.float32, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (5.0, None),
-     (1.0, 1.0), True, False, "cache-chunks"),
-    ("fkl-bf16-V1000-bias-entropy", torch.bfloat16, "forward_kl", 0.5, 1000, 0.2, True, 1.0, (None, None),
-     (0.8, 1.2), True, True, "cache"),
-    ("jsd0.7-bf16-V123-ign100", torch.bfloat16, "jsd", 0.7, 123, 1.0, False, 1.0, (None, None), (1.0, 1.0),
-     True, True, "recompute"),
-    ("rkl-bf16-V1000", torch.bfloat16, "reverse_kl", 0.5, 1000, 0.2, True, 1.0, (None, 8.0),
-     (1.0, 1.0), True, True, "recompute-chunks"),
-]
-
-
-@pytest.mark.parametrize(
-    "dtype,kind,beta,vocab,ignored,biases,temperature,softcaps,scales,with_labels,entropy,path",
-    [c[1:] for c in DIVERGENCE_CASES], ids=[f"{c[0]}-{c[-1]}" for c in DIVERGENCE_CASES],
-)
-def test_divergence_matches_oracle(gen, narrow_tiles, dtype, kind, beta, vocab, ignored, biases, temperature, softcaps,
-                                   scales, with_labels, entropy, path):
-    n, ds, dt = 96, 37, 50
-    hs0, ws0, bs0 = make_head(n, ds, vocab, dtype=torch.float64, bias=biases, gen=gen)
-    ht0, wt0, bt0 = make_head(n, dt, vocab, dtype=torch.float64, bias=biases, gen=gen)
-    labels = make_labels(n, vocab, ignored=ignored, gen=gen) if with_labels else None
-    g = torch.randn(n, generator=gen, dtype=torch.float64)
-    kw = dict(kind=kind, beta=beta, temperature=temperature, student_softcap=softcaps[0],
-              teacher_softcap=softcaps[1], student_logit_scale=scales[0], teacher_logit_scale=scales[1],
-              return_entropy=entropy)
-
-    def run(fn, cast_dtype, **extra):
-        hs, w, bs = _leaf(hs0, cast_dtype), _leaf(ws0, cast_dtype), _leaf(bs0, cast_dtype)
-        ht, wt = ht0.to(cast_dtype), wt0.to(cast_dtype)
-        bt = None if bt0 is None else bt0.to(cast_dtype)
-        out = fn(hs, w, ht, wt, labels, student_bias=bs, teacher_bias=bt, **kw, **extra)
-        div, ent = out if entropy else (out, None)
-        (div.double() * g).sum().backward()
-        return div, ent, _grads([hs, w, bs])
-
-    with _path(path, n, vocab, ds, dtype, 2, "divergence_bwd"):
-        div, ent, grads = run(fastpref.linear_divergence, dtype, backend="triton")
-    n_div, n_ent, n_grads = run(reference.linear_divergence, dtype, precision="native")
-    t_div, t_ent, t_grads = run(reference.linear_divergence, torch.float64, precision="fp64")
-    print()
-    assert div.dtype == torch.float32 and div.shape == (n,)
-    assert_accurate(kind, div, n_div, t_div, dtype)
-    if entropy:
-        assert not ent.requires_grad
-        assert_accurate("entropy", ent, n_ent, t_ent, dtype)
-    for name, got, naive, truth in zip(GRAD_NAMES, grads, n_grads, t_grads):
-        if truth is None:
-            assert got is None
-            continue
-        assert got.dtype == dtype
-        assert_accurate(name, got, naive, truth, dtype)
-    if labels is not None:
-        ignored_rows = labels == -100
-        assert torch.all(div[ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
-
 
 @pytest.mark.parametrize("kind", list(Kind), ids=[k.name.lower() for k in Kind])
 def test_divergence_cache_gives_the_same_results(gen, kind):
@@ -435,21 +245,6 @@ def test_divergence_identical_heads_is_zero(gen, kind):
     assert div.abs().max() < 1e-5
     for t in (h, w, b):
         assert t.grad.abs().max() < 1e-5
-
-
-def test_divergence_frozen_student_head(gen):
-    hs0, ws0, _ = make_head(96, 37, 1000, dtype=torch.float64, gen=gen)
-    ht0, wt0, _ = make_head(96, 50, 1000, dtype=torch.float64, gen=gen)
-    g = torch.randn(96, generator=gen)
-    hs = {}
-    for key, fn, dtype, extra in (("triton", fastpref.linear_divergence, torch.float32, dict(backend="triton")),
-                                  ("naive", reference.linear_divergence, torch.float32, dict(precision="native")),
-                                  ("truth", reference.linear_divergence, torch.float64, {})):
-        h, w = _leaf(hs0, dtype), _leaf(ws0, dtype, False)
-        (fn(h, w, ht0.to(dtype), wt0.to(dtype), kind="reverse_kl", **extra) * g.to(dtype)).sum().backward()
-        assert w.grad is None
-        hs[key] = h.grad
-    assert_accurate("d_hidden", hs["triton"], hs["naive"], hs["truth"], torch.float32)
 
 
 # --------------------------------------------------------------------------- precision and registered ops

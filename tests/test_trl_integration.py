@@ -2,7 +2,7 @@
 (DPO, KTO, GRPO, RLOO, SFT, distillation) run a few optimizer steps with stock TRL, with fastpref enabled, and
 with an fp64 oracle head, from the same seed.
 
-Trainer accuracy rule (STYLE.md, applied to whole runs): the oracle run is the ground truth (TRL with its head
+Trainer accuracy rule (docs/design.md §6, applied to whole runs): the oracle run is the ground truth (TRL with its head
 replaced by materialised fp64 logits, everything else fp32), stock TRL is the "naive" fp32 run, and every logged
 metric and every final parameter of the fastpref run must satisfy
 ``|fastpref - oracle| <= 2 * |stock - oracle| + 8 fp32 ulps of the largest value``.  The log prints both errors

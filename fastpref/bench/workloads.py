@@ -221,7 +221,7 @@ def make_provider_inputs(case: Case, provider: str, device: torch.device) -> Dic
 
 
 # --------------------------------------------------------------------------- naive losses
-# Written out here (a few lines each, SPEC section 4) on the reference oracle, so the
+# Written out here (a few lines each, docs/design.md §8) on the reference oracle, so the
 # naive provider does exactly what a plain PyTorch trainer would.
 
 
@@ -409,8 +409,8 @@ def _fastpref_fn(workload: str, backend: str) -> Callable:
 # - dpo: those 3 plus the frozen reference head's forward, z_ref = h_ref @ W_ref^T: 4 GEMMs (8NDV);
 # - jsd: those 3 plus the frozen teacher head's forward, z_t = h_t @ W_t^T: 4 GEMMs (8NDV).
 #
-# A fused implementation that recomputes the logits in its backward does one more (SPEC's 8NDV floor of
-# linear_logprobs); the floor counts the useful work only, as ``Case.flops`` does.
+# A fused implementation that recomputes the logits in its backward does one more (the 8NDV cost of
+# linear_logprobs in docs/design.md §4); the floor counts the useful work only, as ``Case.flops`` does.
 FLOOR_GEMMS = {"logprobs": 3, "dpo": 4, "pref_distill": 3, "jsd": 4}
 
 # The frozen head a workload also runs forward (its hidden and weight arguments), if any.

@@ -1,4 +1,4 @@
-"""Public losses (docs/design.md §1): small formulas on the fused primitives, one module per family.
+"""Public losses (docs/design.md §8): small formulas on the fused primitives, one module per family.
 
 ================================ =========================================================================
 ``dpo_loss``                     DPO and its variants by ``loss_type`` (TRL 1.16's ``DPOTrainer``)

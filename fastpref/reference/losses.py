@@ -1,4 +1,4 @@
-"""Oracle versions of every loss (SPEC §4), written independently of ``fastpref.objectives`` and
+"""Oracle versions of every loss (docs/design.md §8), written independently of ``fastpref.objectives`` and
 ``fastpref.losses``: full logits materialised, formulas spelled out from the papers, explicit
 loops where the fast path vectorises.  All return the **unreduced** loss (per pair, per
 sequence or per token) in float64 (``precision="fp64"``) or in plain-PyTorch precision
