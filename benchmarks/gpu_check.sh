@@ -107,7 +107,7 @@ if want compare; then
 fi
 
 # test_triton_backend.py turns on the Triton interpreter for its whole process: keep it out.
-want pytest && run_step pytest 120 "$PY" -m pytest -m gpu tests/ --ignore=tests/test_triton_backend.py -q -rs \
+want pytest && run_step pytest 170 "$PY" -m pytest -m gpu tests/ --ignore=tests/test_triton_backend.py -q -rs \
     -p no:cacheprovider
 
 if want sanitizer; then
