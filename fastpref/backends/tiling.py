@@ -8,9 +8,9 @@ call holds beyond its inputs, outputs and O(N) row statistics:
   over all rows and each slice of ``d W`` is written once;
 * **cache** — when the whole ``[N x V]`` logits of the call (both heads' for a divergence) fit in
   three quarters of the budget, the forward keeps them for the backward (:func:`plan_cache`), which
-  then skips recomputing them: ``6NDV`` FLOPs instead of ``8NDV``.  The torch backend also keeps
-  as many whole vocabulary chunks as fit when the whole logits do not (:func:`plan_partial_cache`):
-  ``(6 + 2 r) NDV`` with ``r`` the share of the vocabulary it recomputes.
+  then skips recomputing them: ``6NDV`` FLOPs instead of ``8NDV``.  The torch backend plans its own
+  (``torch_backend._plan``): it also keeps as many whole vocabulary chunks as fit when the whole
+  logits do not, ``(6 + 2 r) NDV`` with ``r`` the share of the vocabulary it recomputes.
 
 docs/design.md has the cost model.
 """
@@ -70,27 +70,6 @@ def plan_cache(n_rows: int, vocab: int, *, elem_bytes: int = 4, heads: int = 1) 
     if rows < n_rows or heads * chunks * cols * n_rows * elem_bytes > CACHE_FRACTION * _config.get_workspace_bytes():
         return 0
     return cols
-
-
-def plan_partial_cache(n_rows: int, vocab: int, *, elem_bytes: int = 4, heads: int = 1) -> tuple[int, int]:
-    """``(cols, kept)``: the forward keeps the first ``kept`` vocabulary chunks of ``cols`` columns (all
-    rows, every head) that fit in three quarters of the budget, the backward recomputes only the rest;
-    ``(0, 0)`` when not even one chunk fits (or keeping is off).  ``kept`` is every chunk exactly when
-    :func:`plan_cache` keeps the whole logits."""
-    if n_rows == 0 or vocab == 0 or not _config.get_keep_logits():
-        return 0, 0
-    rows, cols = plan_tiles(n_rows, vocab, elem_bytes=elem_bytes, heads=heads)
-    if rows < n_rows:
-        return 0, 0
-    chunks = -(-vocab // cols)
-    kept = min(chunks, int(CACHE_FRACTION * _config.get_workspace_bytes()) // (heads * cols * n_rows * elem_bytes))
-    return (cols, kept) if kept > 0 else (0, 0)
-
-
-def partial_cache_shape(n_rows: int, vocab: int, *, elem_bytes: int = 4, heads: int = 1) -> tuple[int, ...]:
-    """Shape ``[heads, kept, N, cols]`` of what :func:`plan_partial_cache` keeps (``(0,)``: nothing)."""
-    cols, kept = plan_partial_cache(n_rows, vocab, elem_bytes=elem_bytes, heads=heads)
-    return (heads, kept, n_rows, cols) if kept else (0,)
 
 
 def cache_shape(n_rows: int, vocab: int, *, elem_bytes: int = 4, heads: int = 1) -> tuple[int, ...]:

@@ -3,12 +3,13 @@ workspace budget allows.  It is also the numerical specification the kernels fol
 
 Forward walks ``[R x C]`` tiles of the logits (R rows, C vocabulary columns) and keeps only the
 per-row statistics of :mod:`.contract` (online max / sum-exp, the target logit, and on request the
-entropy, ``sum p^2``, ``sum z`` and the max before the label).  Backward recomputes each tile from
-the saved ``lse`` — or reads it from the forward's cache when the whole logits fit the budget
-(:func:`.tiling.plan_cache`) — forms ``dz`` and feeds two GEMMs through :class:`.tiling.GradAccumulator`.
+entropy, ``sum p^2``, ``sum z`` and the max before the label).  The forward keeps the vocabulary
+chunks of logits that fit the budget beside its scratch tiles (all of them when they fit,
+:func:`_plan`); the backward reads those and recomputes the others from the saved ``lse``, forms
+``dz`` and feeds two GEMMs through :class:`.tiling.GradAccumulator`.
 
-Compute: ``2NDV`` FLOPs forward, ``6NDV`` backward with recomputation (``4NDV`` from the cache).
-Memory: the workspace budget plus ``O(N)`` per-row floats; see :mod:`.tiling`.
+Compute: ``2NDV`` FLOPs forward, ``4NDV`` backward plus ``2NDV`` for the share recomputed.
+Memory: the workspace budget (scratch tiles and kept logits together) plus ``O(N)`` per-row floats.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Optional
 
 import torch
 
+from .. import _config
 from . import contract as C
-from .tiling import GradAccumulator, partial_cache_shape, plan_partial_cache, plan_tiles, ranges
+from .tiling import GradAccumulator, plan_tiles, ranges
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -103,17 +105,36 @@ class _Scratch:
         return self.bufs[slot][: r * c].view(r, c)
 
 
-def _tiles(n: int, vocab: int, cache_cols: int, heads: int, elem: int, acc_dim: int = 0):
-    if cache_cols:
-        return n, cache_cols
-    return plan_tiles(n, vocab, elem_bytes=elem, heads=heads, acc_dim=acc_dim)
+# Scratch tiles an op holds at once (the slots of its _Scratch): they and the kept logits share the budget.
+_LP_SLOTS = 3  # a recomputed tile, its shifted copy, the entropy's exponentials / the backward's dz, factor
+_DV_SLOTS = 7  # both heads' tiles and five temporaries (the JSD's second pass)
+
+
+def _plan(n: int, vocab: int, elem: int, *, heads: int, slots: int, cache: bool, acc_dim: int = 0):
+    """``(rows, cols, kept)``: the tile shape, and how many whole vocabulary chunks (all rows, every
+    head) the forward keeps for the backward.
+
+    Tiles are sized so that the ``slots`` scratch tiles take at most half the budget; the chunks kept
+    take what the tiles leave.  So the tiles and the cache together stay within the budget, and when
+    the whole logits do not fit the backward recomputes only the chunks not kept.
+    """
+    rows, cols = plan_tiles(n, vocab, elem_bytes=elem, heads=-(-slots // 2), acc_dim=acc_dim)
+    if not (cache and rows == n and n and vocab and _config.get_keep_logits()):
+        return rows, cols, 0
+    free = _config.get_workspace_bytes() - slots * rows * cols * elem
+    return rows, cols, min(-(-vocab // cols), max(free, 0) // (heads * n * cols * elem))
+
+
+def _cache_shape(n: int, vocab: int, dtype: torch.dtype, *, heads: int, slots: int, cache: bool):
+    rows, cols, kept = _plan(n, vocab, 8 if dtype == torch.float64 else 4, heads=heads, slots=slots, cache=cache)
+    return (heads, kept, n, cols) if kept else (0,)
 
 
 # --------------------------------------------------------------------------- logprobs
 
 
 def logprobs_cache_shape(n: int, vocab: int, dtype: torch.dtype, opts: C.LogprobsOptions) -> tuple[int, ...]:
-    return partial_cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4) if opts.cache else (0,)
+    return _cache_shape(n, vocab, dtype, heads=1, slots=_LP_SLOTS, cache=opts.cache)
 
 
 def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
@@ -121,9 +142,8 @@ def logprobs_fwd(hidden, weight, labels, bias, opts: C.LogprobsOptions):
     n, vocab, cdt = hidden.shape[0], weight.shape[0], _compute_dtype(hidden)
     elem = _elem_bytes(hidden)
     head = _Heads(hidden, weight, bias, opts.transform)
-    cache_cols, kept = plan_partial_cache(n, vocab, elem_bytes=elem) if opts.cache else (0, 0)
+    rows, cols, kept = _plan(n, vocab, elem, heads=1, slots=_LP_SLOTS, cache=opts.cache)
     cache = hidden.new_empty(logprobs_cache_shape(n, vocab, hidden.dtype, opts), dtype=cdt)
-    rows, cols = _tiles(n, vocab, cache_cols, 1, elem)
     stats = C.empty_logprobs_stats(n, hidden.new_empty(0, dtype=cdt))
     scratch = _Scratch(rows, cols, hidden, cdt)
     for r0, r1 in ranges(n, rows):
@@ -175,8 +195,8 @@ def logprobs_bwd(g_logp, g_entropy, hidden, weight, labels, bias, lse, entropy, 
     n, vocab, dim, cdt = hidden.shape[0], weight.shape[0], hidden.shape[1], _compute_dtype(hidden)
     low_w = weight.dtype != cdt
     kept = cache.shape[1] if cache.numel() else 0  # chunks the forward kept (all rows, ``cols`` wide)
-    rows, cols = (n, cache.shape[3]) if kept else _tiles(n, vocab, 0, 1, _elem_bytes(hidden),
-                                                             dim if (low_w and need_weight) else 0)
+    rows, cols = (n, cache.shape[3]) if kept else _plan(n, vocab, _elem_bytes(hidden), heads=1, slots=_LP_SLOTS,
+                                                        cache=False, acc_dim=dim if (low_w and need_weight) else 0)[:2]
     acc = GradAccumulator(hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias and bias is not None, chunks=-(-vocab // cols), rows=rows, cols=cols)
     if not acc.any:
@@ -224,9 +244,7 @@ def _log_mixture(pt: torch.Tensor, ps: torch.Tensor, beta: float, out: torch.Ten
 
 
 def divergence_cache_shape(n: int, vocab: int, dtype: torch.dtype, opts: C.DivergenceOptions) -> tuple[int, ...]:
-    if not opts.cache:
-        return (0,)
-    return partial_cache_shape(n, vocab, elem_bytes=8 if dtype == torch.float64 else 4, heads=2)
+    return _cache_shape(n, vocab, dtype, heads=2, slots=_DV_SLOTS, cache=opts.cache)
 
 
 def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_st, opts: C.DivergenceOptions):
@@ -241,11 +259,9 @@ def divergence_fwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, lse_s
     elem = _elem_bytes(s_hidden)
     s = _Heads(s_hidden, s_weight, s_bias, opts.student)
     t = _Heads(t_hidden, t_weight, t_bias, opts.teacher)
-    cache_cols, kept = plan_partial_cache(n, vocab, elem_bytes=elem, heads=2) if (opts.cache and lse_st is None) \
-        else (0, 0)
-    cache = s_hidden.new_empty(divergence_cache_shape(n, vocab, s_hidden.dtype, opts) if cache_cols else (0,),
+    rows, cols, kept = _plan(n, vocab, elem, heads=2, slots=_DV_SLOTS, cache=opts.cache and lse_st is None)
+    cache = s_hidden.new_empty(divergence_cache_shape(n, vocab, s_hidden.dtype, opts) if kept else (0,),
                                dtype=cdt)
-    rows, cols = _tiles(n, vocab, cache_cols, 2, elem)
     stats = C.empty_divergence_stats(n, s_hidden.new_empty(0, dtype=cdt))
     scratch = _Scratch(rows, cols, s_hidden, cdt)
 
@@ -316,8 +332,8 @@ def divergence_bwd(grad, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias,
     n, vocab, dim, cdt = s_hidden.shape[0], s_weight.shape[0], s_hidden.shape[1], _compute_dtype(s_hidden)
     low_w = s_weight.dtype != cdt
     kept = cache.shape[1] if cache.numel() else 0
-    rows, cols = (n, cache.shape[3]) if kept else _tiles(n, vocab, 0, 2, _elem_bytes(s_hidden),
-                                                             dim if (low_w and need_weight) else 0)
+    rows, cols = (n, cache.shape[3]) if kept else _plan(n, vocab, _elem_bytes(s_hidden), heads=2, slots=_DV_SLOTS,
+                                                        cache=False, acc_dim=dim if (low_w and need_weight) else 0)[:2]
     acc = GradAccumulator(s_hidden, s_weight, s_bias, need_hidden=need_hidden, need_weight=need_weight,
                           need_bias=need_bias and s_bias is not None, chunks=-(-vocab // cols), rows=rows,
                           cols=cols)
