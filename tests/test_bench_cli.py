@@ -465,3 +465,10 @@ def test_shapes_option_replaces_the_sweep_and_rejects_bad_items():
     for bad in ("10x3", "0x4x5", "axbxc", ""):
         with pytest.raises(ValueError, match="--shapes"):
             parse_shapes(bad)
+
+
+def test_shapes_sweeps_have_distinct_names():
+    from fastpref.bench.cases import parse_shapes, sweeps_for
+
+    names = [s.name for s in sweeps_for("cpu", shapes=parse_shapes("64x32x1000,64x32x2000"))]
+    assert len(names) == len(set(names)), names  # one plot file per sweep

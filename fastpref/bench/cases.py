@@ -163,7 +163,7 @@ def parse_shapes(text: str) -> List[tuple]:
 
 def shape_sweeps(shapes: List[tuple], dtype: str) -> List[Sweep]:
     """One single-case sweep per (workload, N x D x V): the shapes a user asked for, every workload."""
-    return [_t_sweep(w, (n,), B=1, D=d, V=v, dtype=dtype) for w in WORKLOADS for n, d, v in shapes]
+    return [Sweep(f"{w}-{n}x{d}x{v}", w, "T", [Case(w, 1, n, d, v, dtype)]) for w in WORKLOADS for n, d, v in shapes]
 
 
 def sweeps_for(device_type: str, quick: bool = False, workloads: Optional[List[str]] = None,
