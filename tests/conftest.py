@@ -141,6 +141,16 @@ def assert_accurate(name: str, out: torch.Tensor, naive: torch.Tensor, truth: to
     assert err <= bound, f"{name}: err {err:.3e} > bound {bound:.3e} (naive err {err_naive:.3e})"
 
 
+def load_pyproject() -> dict:
+    """The repository's pyproject.toml, parsed."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the tests marked slow (realistic vocabularies, long cases)")

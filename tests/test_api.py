@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_pyproject
 
 import fastpref as fp
 import fastpref.modules
@@ -261,17 +262,8 @@ def test_twin_forward_option_override(gen):
 # ----------------------------------------------------------------------------- version
 
 
-def _pyproject() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        tomllib = pytest.importorskip("tomli")
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)
-
-
 def test_one_version():
-    project = _pyproject()
+    project = load_pyproject()
     from packaging.version import Version
 
     version = fp.__version__

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import load_pyproject
 
 import fastpref
 
@@ -22,15 +23,6 @@ SDIST_DIRS = ("tests", "benchmarks", "examples", "docs", "csrc", "kernels")
 SDIST_FILES = ("README.md", "BENCHMARKS.md", "CHANGELOG.md", "LICENSE", ".ci/requirements.txt", "pyproject.toml",
                "setup.py", "MANIFEST.in")
 JUNK = re.compile(r"(^|/)(__pycache__|\.pytest_cache|\.benchmarks)(/|$)|\.(pyc|pyo|so)$|^examples/results/")
-
-
-def _pyproject() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        tomllib = pytest.importorskip("tomli")
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)
 
 
 def _files_under(directory: str) -> set:
@@ -70,7 +62,7 @@ def test_manifest_selects_tests_benchmarks_examples_docs_sources(monkeypatch):
 
 
 def test_license_typing_and_extras():
-    project = _pyproject()
+    project = load_pyproject()
     meta = project["project"]
     assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text()
