@@ -132,6 +132,16 @@ LOGPROBS_CASES = [
 ]
 
 
+def _check_grads(grads, n_grads, t_grads, dtype, out_ulps):
+    """Every gradient the oracle has (``None`` where it has none) in the inputs' dtype, under the rule."""
+    for g_name, got, naive, truth in zip(GRAD_NAMES, grads, n_grads, t_grads):
+        if truth is None:
+            assert got is None
+            continue
+        assert got.dtype == dtype, f"{g_name} dtype {got.dtype}"
+        assert_accurate(g_name, got, naive, truth, dtype, out_ulps=out_ulps)
+
+
 @pytest.mark.parametrize(
     "dtype,vocab,ignored,bias,temperature,softcap,scale,outputs,path",
     [c[1:] for c in LOGPROBS_CASES], ids=[f"{c[0]}-{c[-1]}" for c in LOGPROBS_CASES],
@@ -174,12 +184,7 @@ def test_logprobs_matches_oracle(backend, gen, narrow_tiles, dtype, vocab, ignor
         assert got["is_top1"].dtype == torch.bool
         assert torch.equal(got["is_top1"], top1), "is_top1 differs from the fp64 oracle on the same inputs"
         assert top1.any() and not top1.all(), "the case needs rows whose label is the argmax and rows where not"
-    for g_name, got_g, naive_g, truth_g in zip(GRAD_NAMES, grads, n_grads, t_grads):
-        if truth_g is None:
-            assert got_g is None
-            continue
-        assert got_g.dtype == dtype, f"{g_name} dtype {got_g.dtype}"
-        assert_accurate(g_name, got_g, naive_g, truth_g, dtype, out_ulps=out_ulps)
+    _check_grads(grads, n_grads, t_grads, dtype, out_ulps)
     ignored_rows = labels == -100
     assert torch.all(got["logp"][ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
     if with_entropy:
@@ -252,12 +257,7 @@ def test_divergence_matches_oracle(backend, gen, narrow_tiles, dtype, kind, beta
     assert_accurate(kind, div, n_div, t_div, dtype, out_ulps=out_ulps)
     if entropy:
         assert_accurate("entropy", ent, n_ent, t_ent, dtype, out_ulps=out_ulps)
-    for g_name, got, naive, truth in zip(GRAD_NAMES, grads, n_grads, t_grads):
-        if truth is None:
-            assert got is None
-            continue
-        assert got.dtype == dtype, f"{g_name} dtype {got.dtype}"
-        assert_accurate(g_name, got, naive, truth, dtype, out_ulps=out_ulps)
+    _check_grads(grads, n_grads, t_grads, dtype, out_ulps)
     if labels is not None:
         ignored_rows = labels == -100
         assert torch.all(div[ignored_rows] == 0) and torch.all(grads[0][ignored_rows] == 0)
