@@ -100,7 +100,7 @@ def _v_sweep(workload, Vs, *, B, T, D, dtype, note=""):
 def cpu_sweeps() -> List[Sweep]:
     """Two cores, fp32: D=512, one pair of sequences at Llama-3's V=128256 (two T), plus V=32000.
 
-    Seven cases x the CPU providers in fresh processes: 20-25 minutes on two cores."""
+    Seven cases x the CPU providers in fresh processes: about 16 minutes on two idle cores."""
     kw = dict(B=2, D=512, dtype="float32")
     return [
         _t_sweep("logprobs", (128, 512), V=128256, **kw),
